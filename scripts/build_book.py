@@ -1,0 +1,95 @@
+"""Build the executed Jupyter Book from `nbs/`.
+
+The notebooks are staged into `_build/book_src/` so that nbdev's cell directives can be turned into
+Jupyter Book cell tags without touching the sources:
+
+- `#| eval: false`  -> `skip-execution` (GPU-only or downloaded-weights cells; nbdev_test skips them too)
+- `#| hide`, `#| default_exp`, the Colab install cell -> `remove-cell`
+- `#| export`       -> `hide-input` (plumbing: folded away, one click to read it)
+- `#| echo: false`  -> `remove-input` (a figure whose drawing code is not the point)
+- the `#|` directive lines themselves are dropped from the rendered source.
+
+Cells flagged `#|slow` are skipped by `nbdev_test` but executed here, so every cell runs in CI once.
+Every chapter is executed from a fresh kernel (`execute_notebooks: force`); a failing cell fails the build.
+Output: `_build/book_src/_build/html/`.
+"""
+import json, shutil, subprocess, sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / '_build' / 'book_src'
+HTML = SRC / '_build' / 'html'
+
+
+def toc_files(toc):
+    "Every `file:` entry of a Jupyter Book TOC, in order."
+    out = [toc['root']]
+    for part in toc.get('parts', []):
+        out += [c['file'] for c in part.get('chapters', [])]
+    return out
+
+
+def directives(src: str) -> list[str]:
+    "nbdev directives (`#| name ...`) at the top of a cell, normalised (`#|slow` -> `slow`)."
+    out = []
+    for line in src.splitlines():
+        s = line.strip()
+        if not s: continue
+        if not s.startswith('#|'): break
+        out.append(s[2:].strip())
+    return out
+
+
+def stage_notebook(src: Path, dst: Path):
+    nb = json.loads(src.read_text())
+    for cell in nb['cells']:
+        if cell['cell_type'] != 'code': continue
+        text = ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+        ds = directives(text)
+        if not ds: continue
+        tags = set(cell.setdefault('metadata', {}).get('tags', []))
+        names = [d.split()[0].rstrip(':') if d else '' for d in ds]
+        if any(d.replace(' ', '') in ('eval:false',) for d in ds): tags |= {'skip-execution'}
+        if 'eval' in names and 'install mindlink' in text: tags |= {'remove-cell'}
+        if {'hide', 'default_exp'} & set(names): tags |= {'remove-cell'}
+        if 'export' in names: tags |= {'hide-input'}
+        if any(d.replace(' ', '') == 'echo:false' for d in ds): tags |= {'remove-input'}
+        kept = [l for l in text.splitlines(keepends=True) if not l.strip().startswith('#|')]
+        cell['source'] = ''.join(kept).lstrip('\n')
+        cell['metadata']['tags'] = sorted(tags)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(nb, indent=1))
+
+
+def main(only=None):
+    toc = yaml.safe_load((ROOT / 'book' / '_toc.yml').read_text())
+    files = toc_files(toc)
+    if only is not None:  # a quick build of a few chapters while writing them: `build_book.py --only nbs/03_vit3d`
+        files = [toc['root']] + [f for f in files[1:] if f in only]
+        toc = {'format': 'jb-book', 'root': toc['root']}
+        if files[1:]: toc['parts'] = [{'caption': 'Chapters', 'chapters': [{'file': f} for f in files[1:]]}]
+    missing = [f for f in files if not (ROOT / f'{f}.ipynb').exists()]
+    if missing: sys.exit(f'book/_toc.yml lists notebooks that do not exist: {missing}')
+    mj = ROOT / 'book' / '_static' / 'mathjax' / 'tex-svg-full.js'
+    if not mj.exists(): sys.exit(f'{mj} missing: run `make mathjax` (copies it from the npm mathjax package)')
+    if SRC.exists(): shutil.rmtree(SRC)
+    SRC.mkdir(parents=True)
+    shutil.copy(ROOT / 'book' / '_config.yml', SRC / '_config.yml')
+    (SRC / '_toc.yml').write_text(yaml.safe_dump(toc, sort_keys=False))
+    shutil.copytree(ROOT / 'book' / '_static', SRC / '_static')
+    for f in files: stage_notebook(ROOT / f'{f}.ipynb', SRC / f'{f}.ipynb')
+    jb = Path(sys.executable).parent / 'jupyter-book'
+    r = subprocess.run([str(jb), 'build', str(SRC), '--builder', 'html'], cwd=ROOT)
+    if r.returncode: sys.exit(f'jupyter-book build failed (exit {r.returncode})')
+    if not (HTML / 'nbs' / '00_index.html').exists() and not (HTML / 'index.html').exists():
+        sys.exit(f'jupyter-book wrote no HTML under {HTML}')
+    print(f'book built: {HTML}/index.html')
+
+
+if __name__ == '__main__':
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--only', nargs='*', help='build only the index and these chapters (e.g. nbs/03_vit3d)')
+    main(ap.parse_args().only)
