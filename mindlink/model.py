@@ -50,6 +50,7 @@ class MindLinkConfig:
     tau: float = 0.1                 # τ of L_local (Eq. 5)
     lambdas: tuple = (1.0, 1.0, 1.0, 1e-2)  # λ1..λ4 of Eq. 6: rec, subj, align, local
     grad_checkpointing: bool = False # recompute encoder blocks in backward to save memory
+    pos_scale: float = 1.0           # gain on the 3D positional encoding (ours; chapter 03_vit3d)
     # --- training (read by mindlink.training) ---
     lr: float = 3e-4                 # one-cycle maximum learning rate
     weight_decay: float = 0.01       # AdamW weight decay (ours: AdamW's default)
@@ -97,7 +98,7 @@ class MindLinkConfig:
         return cls(patch=4, patch_dim=64, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
                    token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, lr=1e-3, batch_size=64,
                    epochs=6, warmup_epochs=2, mixed_precision='no', num_workers=0, ckpt_every=2, eval_every=2,
-                   log_every=10).replace(**kw)
+                   log_every=10, pos_scale=0.1).replace(**kw)
 
     def to_dict(self) -> dict:
         "A JSON-friendly dict of every field."
@@ -134,7 +135,7 @@ class MindLink(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = ViT3DEncoder(cfg.patch_dim, cfg.d_model, cfg.n_heads, cfg.enc_layers, cfg.perceiver_layers,
-                                    cfg.n_tokens, cfg.mlp_ratio, cfg.dropout, cfg.grad_checkpointing)      # E_b
+                                    cfg.n_tokens, cfg.mlp_ratio, cfg.dropout, cfg.grad_checkpointing, cfg.pos_scale)      # E_b
         self.decoder = MVMDecoder(cfg.d_model, cfg.patch_dim, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads,
                                   cfg.mlp_ratio, cfg.dropout)                                              # D
         self.subject_classifier = (SubjectClassifier(cfg.d_model, cfg.n_subjects, cfg.cls_hidden)

@@ -118,9 +118,11 @@ class ViT3DEncoder(nn.Module):
                  n_tokens: int,                # N_I, latent tokens out (16)
                  mlp_ratio: float = 4.0,
                  dropout: float = 0.0,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False,
+                 pos_scale: float = 1.0):      # gain on the positional encoding (see below)
         super().__init__()
         self.patch_dim, self.d_model, self.grad_checkpointing = patch_dim, d_model, grad_checkpointing
+        self.pos_scale = pos_scale
         self.patch_embed = nn.Linear(patch_dim, d_model)   # W_e: P -> d
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(enc_layers))
         self.norm = nn.LayerNorm(d_model)
@@ -132,7 +134,7 @@ class ViT3DEncoder(nn.Module):
             raise MindLinkError(f'patches: expected (N, L, {self.patch_dim}), got {tuple(patches.shape)}')
         if coords.shape != (patches.shape[1], 3):
             raise MindLinkError(f'coords: expected ({patches.shape[1]}, 3) to match patches, got {tuple(coords.shape)}')
-        pe = pos_encoding_3d(coords, self.d_model).to(patches.device)        # (L, d)
+        pe = self.pos_scale * pos_encoding_3d(coords, self.d_model).to(patches.device)        # (L, d)
         if keep is None: x = self.patch_embed(patches) + pe                   # (N, L, d)
         else:
             P = patches.shape[-1]
