@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 MATHJAX_VERSION := 3.2.2
 export MINDLINK_NO_PROGRESS ?= 1
+# One BLAS/OpenMP thread per process: on 2 cores, two threads per kernel next to another kernel thrash (10x slower).
+export OMP_NUM_THREADS ?= 1
 export PYTHONHASHSEED := 0
 
 .PHONY: install sysdeps mathjax export test nbtest book pytest demo clean
