@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault('MINDLINK_NO_PROGRESS', '1')
 
@@ -14,3 +15,18 @@ def mini_nsd_root(tmp_path_factory):
     Read it with `mindlink.data.NSDReader(mini_nsd_root)`. The knobs are `mindlink.data.TINY_MINI_NSD`."""
     from mindlink.data import TINY_MINI_NSD, make_mini_nsd
     return make_mini_nsd(tmp_path_factory.mktemp('mini_nsd'), seed=0, show_progress=False, **TINY_MINI_NSD)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    "One intra-op thread: tiny models run as fast on one, and two OpenMP threads per process thrash beside other jobs."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='session')
+def tiny(tmp_path_factory):
+    "A tiny random SD 1.5 + IP-Adapter Plus written in the real on-disk layout (mindlink.reconstruction)."
+    from mindlink.reconstruction import build_tiny_sd_ip_adapter
+    return build_tiny_sd_ip_adapter(tmp_path_factory.mktemp('tiny_weights'))

@@ -9,20 +9,6 @@ from mindlink.reconstruction import (RegionPCADecoder, SDReconstructor, bench_re
 from mindlink.utils import MindLinkError
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models run as fast on one thread, and two OpenMP threads per process thrash when tests run beside other jobs."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    "A tiny random SD 1.5 + IP-Adapter Plus written in the real on-disk layout."
-    return build_tiny_sd_ip_adapter(tmp_path_factory.mktemp('tiny_weights'))
-
-
 @pytest.fixture(scope='module')
 def emb(tiny):
     return IPAdapterPlusEmbedder.from_pretrained(tiny['ip_adapter'])

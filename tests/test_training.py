@@ -13,14 +13,6 @@ from mindlink.utils import MindLinkError, load_safetensors
 CFG = dict(batch_size=16, epochs=3, warmup_epochs=1, lr=2e-3, log_every=2, eval_every=1, ckpt_every=1, dropout=0.1)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process slow steps ~10x."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def cfg(): return MindLinkConfig.tiny(**CFG)
 

@@ -1,0 +1,131 @@
+"The `mindlink` command end to end: every subcommand's happy path and one bad input each (nbs/14_cli.ipynb)."
+import json, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from mindlink.cli import main
+from mindlink.data import TINY_MINI_NSD, make_mini_nsd
+
+TINY = ['--preset', 'tiny', '--set', 'epochs=2', '--set', 'warmup_epochs=1', '--set', 'batch_size=16',
+        '--set', 'eval_every=1', '--set', 'ckpt_every=1']
+
+
+def fails(capsys, argv, *expected):
+    "Run `main(argv)`: it must return status 2 and print one error line naming what is wrong, no traceback."
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.strip().splitlines()[-1].startswith(f'mindlink {argv[0]}: error:') and 'Traceback' not in err   # after any progress bars
+    for e in expected: assert e in err, err
+    return err
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    "A MiniNSD of the tests' size, private to this module (runs write their caches into it)."
+    return make_mini_nsd(tmp_path_factory.mktemp('cli') / 'mini', seed=0, show_progress=False, **TINY_MINI_NSD)
+
+
+@pytest.fixture(scope='module')
+def run(root, tmp_path_factory):
+    "A tiny model trained on subjects 1-4 with `mindlink train`."
+    out = tmp_path_factory.mktemp('cli') / 'run'
+    assert main(['train', '--data', str(root), '--out', str(out), *TINY, '--subjects', '1', '2', '3', '4']) == 0
+    return out
+
+
+def test_entry_point():
+    "The console script is installed and answers --help without importing the heavy modules."
+    r = subprocess.run([str(Path(sys.executable).parent / 'mindlink'), '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and 'demo' in r.stdout and 'bench' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'mindlink.cli', 'data', 'info', '/nonexistent'], capture_output=True, text=True)
+    assert r.returncode == 2 and 'folder not found' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e: main(['bench', 'gpu'])
+    assert e.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e: main([])
+    assert e.value.code == 2
+
+
+def test_data(tmp_path, capsys):
+    assert main(['data', 'mini-nsd', '--out', str(tmp_path / 'm'), '--tiny', '--set', 'n_train=20']) == 0
+    assert (tmp_path / 'm' / 'nsddata' / 'experiments' / 'nsd' / 'nsd_expdesign.mat').exists()
+    assert main(['data', 'info', str(tmp_path / 'm')]) == 0
+    assert 'subj05: 20 training images' in capsys.readouterr().out
+    fails(capsys, ['data', 'info', tmp_path / 'nowhere'], 'folder not found')
+    # asking for other settings where a MiniNSD already is: refused unless --overwrite
+    fails(capsys, ['data', 'mini-nsd', '--out', tmp_path / 'm', '--tiny', '--set', 'n_train=30'], 'other settings')
+
+
+def test_train(run, tmp_path, capsys, root):
+    assert (run / 'config.json').exists() and (run / 'log.csv').exists() and (run / 'embedder' / 'config.json').exists()
+    assert json.loads((run / 'config.json').read_text())['epochs'] == 2
+    fails(capsys, ['train', '--data', root, '--out', tmp_path / 'r', '--set', 'epoch=3'], "unknown MindLinkConfig field(s) ['epoch']")
+    fails(capsys, ['train', '--data', tmp_path / 'nowhere', '--out', tmp_path / 'r'], 'folder not found')
+    (tmp_path / 'bad.yaml').write_text('warmup_epoch: 3\n')
+    fails(capsys, ['train', '--data', root, '--out', tmp_path / 'r', '--config', tmp_path / 'bad.yaml'], 'bad.yaml', 'warmup_epoch')
+
+
+def test_evaluate(run, root, tmp_path, capsys):
+    assert main(['evaluate', '--run', str(run), '--data', str(root), '--out', str(tmp_path / 'ev')]) == 0
+    m = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+    assert set(m['per_subject']) == {'subj01', 'subj02', 'subj03', 'subj04'}
+    assert m['retrieval_chance'] == pytest.approx(1 / 12) and 0 <= m['two_way_identification'] <= 1
+    assert (tmp_path / 'ev' / 'metrics.csv').exists() and (tmp_path / 'ev' / 'metrics.md').exists()
+    fails(capsys, ['evaluate', '--run', tmp_path / 'nothing', '--data', root], 'not a training run')
+    fails(capsys, ['evaluate', '--run', run, '--data', root, '--subjects', '9'], '9')
+
+
+def test_reconstruct(run, root, tmp_path, capsys):
+    import numpy as np
+    assert main(['reconstruct', '--run', str(run), '--data', str(root), '--out', str(tmp_path / 'rec'), '--subject', '2', '--n', '4']) == 0
+    z = np.load(tmp_path / 'rec' / 'reconstructions.npz')
+    assert z['images'].shape == (4, 32, 32, 3) and z['images'].dtype == np.uint8 and len(z['image_ids']) == 4
+    assert (tmp_path / 'rec' / 'reconstructions.png').exists()
+    # Stable Diffusion from a folder that is not there: a clear error that says what to download
+    fails(capsys, ['reconstruct', '--run', run, '--data', root, '--out', tmp_path / 'sd', '--sd', tmp_path / 'no_sd'], 'no_sd')
+
+
+def test_adapt(run, root, tmp_path, capsys):
+    import pandas as pd
+    out = tmp_path / 'ad'
+    assert main(['adapt', '--run', str(run), '--data', str(root), '--out', str(out), '--sizes', '16', '--seeds', '0',
+                 '--steps', '2', '--set', 'batch_size=8']) == 0
+    df = pd.read_csv(out / 'adaptation.csv')
+    assert sorted(df['mode']) == ['finetune', 'scratch', 'zero-shot']
+    assert (df[df['mode'] != 'zero-shot'].steps == 2).all()            # the same budget for both arms
+    assert (out / 'adaptation.png').exists() and (out / 'adaptation.md').exists()
+    fails(capsys, ['adapt', '--run', run, '--data', root, '--out', out, '--sizes', '100000', '--seeds', '0'], 'training images')
+
+
+def test_bench(tmp_path, capsys):
+    assert main(['bench', 'metrics', '--set', 'n=8', '--set', 'size=32', '--set', 'sizes=[8]', '--set', 'nets=[]',
+                 '--json', str(tmp_path / 'b.json')]) == 0
+    assert 'bench_metrics' in json.loads((tmp_path / 'b.json').read_text())
+    fails(capsys, ['bench', 'metrics', '--set', 'nope=1'], "no benchmark takes ['nope']")
+    fails(capsys, ['bench', 'data', '--only', 'bench_nothing'], 'bench_nothing')
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / 'demo'
+    assert main(['demo', '--out', str(out), '--quick']) == 0
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed
+    m = json.loads((out / 'metrics.json').read_text())
+    assert {'retrieval_top1', 'retrieval_chance', 'two_way_identification'} <= set(m)
+    assert m['retrieval_chance'] == pytest.approx(1 / m['n_test'])
+    for f in ('metrics.csv', 'metrics.md', 'reconstructions.png', 'tsne.png', 'loss_curves.png'): assert (out / f).exists(), f
+    fails(capsys, ['demo', '--out', tmp_path / 'd2', '--quick', '--set', 'n_tokens=15'], 'n_tokens')
+
+
+def test_experiments(tmp_path, capsys):
+    out = tmp_path / 'exp'
+    assert main(['experiments', '--out', str(out), '--work', str(tmp_path / 'work'), '--quick']) == 0
+    for f in ('table12.csv', 'probe.csv', 'table3.csv', 'fig2.npz', 'fig3.npz', 'experiments.json'): assert (out / f).exists(), f
+    import pandas as pd
+    t = pd.read_csv(out / 'table12.csv')
+    assert set(t.method) == {'MindLink', 'w/o L_subj', 'w/o cross-attention', 'MindLink, one model per subject'}
+    fails(capsys, ['experiments', '--out', tmp_path / 'e2', '--quick', '--sizes', '5000'], '5000')
