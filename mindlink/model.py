@@ -98,7 +98,7 @@ class MindLinkConfig:
         return cls(patch=4, patch_dim=64, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
                    token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, lr=1e-3, batch_size=64,
                    epochs=6, warmup_epochs=2, mixed_precision='no', num_workers=0, ckpt_every=2, eval_every=2,
-                   log_every=10, pos_scale=0.1).replace(**kw)
+                   log_every=10).replace(**kw)
 
     def to_dict(self) -> dict:
         "A JSON-friendly dict of every field."
