@@ -80,6 +80,8 @@ def main(only=None):
     (SRC / '_toc.yml').write_text(yaml.safe_dump(toc, sort_keys=False))
     shutil.copytree(ROOT / 'book' / '_static', SRC / '_static')
     for f in files: stage_notebook(ROOT / f'{f}.ipynb', SRC / f'{f}.ipynb')
+    for d in (ROOT / 'nbs').iterdir():  # data a chapter reads beside it (e.g. nbs/experiments_cache)
+        if d.is_dir() and not d.name.startswith(('.', '_')): shutil.copytree(d, SRC / 'nbs' / d.name)
     jb = Path(sys.executable).parent / 'jupyter-book'
     r = subprocess.run([str(jb), 'build', str(SRC), '--builder', 'html'], cwd=ROOT)
     if r.returncode: sys.exit(f'jupyter-book build failed (exit {r.returncode})')
