@@ -66,13 +66,18 @@ def brute_two_way(pf, tf):
 
 
 # ---- low level ---------------------------------------------------------------------------------
+def image_pair(kind, seed, shape):
+    "(reconstruction, stimulus): two independent random batches of `shape`, or photos and a degraded copy."
+    if kind == 'photos':
+        t = photos(); return degrade(t), t
+    g = torch.Generator().manual_seed(seed)
+    t, p = torch.rand(*shape, generator=g), torch.rand(*shape, generator=g)
+    return p, t
+
+
 @pytest.mark.parametrize('kind', ['random', 'photos'])
 def test_ssim_equals_skimage(kind):
-    if kind == 'random':
-        g = torch.Generator().manual_seed(1)
-        t, p = torch.rand(4, 3, 37, 29, generator=g), torch.rand(4, 3, 37, 29, generator=g)
-    else:
-        t = photos(); p = degrade(t)
+    p, t = image_pair(kind, seed=1, shape=(4, 3, 37, 29))
     assert ssim(p, t, size=None, batch_size=3) == pytest.approx(sk_ssim(p, t), abs=1e-10)
 
 
@@ -84,11 +89,7 @@ def test_ssim_pixcorr_at_425_equal_references():
 
 @pytest.mark.parametrize('kind', ['random', 'photos'])
 def test_pixcorr_equals_numpy_pearson(kind):
-    if kind == 'random':
-        g = torch.Generator().manual_seed(2)
-        t, p = torch.rand(5, 3, 16, 16, generator=g), torch.rand(5, 3, 16, 16, generator=g)
-    else:
-        t = photos(); p = degrade(t)
+    p, t = image_pair(kind, seed=2, shape=(5, 3, 16, 16))
     assert pixcorr(p, t, size=None, batch_size=2) == pytest.approx(np_pixcorr(p, t), abs=1e-10)
 
 
