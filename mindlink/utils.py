@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MindLinkError', 'get_device', 'seed_everything', 'atomic_write', 'save_json', 'load_json', 'save_safetensors',
-           'load_safetensors', 'savefig', 'progress']
+           'load_safetensors', 'savefig', 'progress', 'map_jobs']
 
 # %% ../nbs/90_utils.ipynb #294e5eb1
 import json, os, random, tempfile
@@ -99,7 +99,38 @@ def savefig(fig, path, dpi=120):
     fig.savefig(path, dpi=dpi, bbox_inches='tight'); return path
 
 def progress(iterable=None, **kwargs):
-    "A tqdm progress bar, silenced when the environment sets `MINDLINK_NO_PROGRESS=1`."
-    kwargs.setdefault('disable', os.environ.get('MINDLINK_NO_PROGRESS', '0') == '1')
+    "A tqdm progress bar, silenced when the environment sets `MINDLINK_NO_PROGRESS=1` (whatever the caller asked)."
+    if os.environ.get('MINDLINK_NO_PROGRESS', '0') == '1': kwargs['disable'] = True
+    kwargs.setdefault('disable', False)
     kwargs.setdefault('dynamic_ncols', True)
     return tqdm(iterable, **kwargs)
+
+# %% ../nbs/90_utils.ipynb #958097b5
+def map_jobs(fn,               # a function defined in a module (workers import it by name)
+             items,            # one argument per job (a dict of keyword arguments when `kwargs=True`)
+             jobs: int = 1,    # worker processes (1: run here, in order)
+             kwargs: bool = False,  # call `fn(**item)` instead of `fn(item)`
+             desc: str = 'jobs',
+             threads: int | None = None):  # torch threads per worker (default: cores // jobs, at least 1)
+    "`[fn(x) for x in items]`, run by `jobs` worker processes side by side; results in the order of `items`."
+    items, call = list(items), (lambda x: fn(**x)) if kwargs else fn
+    if int(jobs) < 1: raise MindLinkError(f'jobs={jobs}: expected 1 or more worker processes')
+    if jobs == 1 or len(items) <= 1: return [call(x) for x in progress(items, desc=desc)]
+    if getattr(fn, '__module__', None) == '__main__':
+        raise MindLinkError(f'map_jobs: {fn.__name__} is defined in __main__ (a script or notebook); worker processes '
+                            'import the function by name, so pass one defined in a module (e.g. mindlink\'s own)')
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    out = [None] * len(items)
+    with ProcessPoolExecutor(min(jobs, len(items)), mp_context=mp.get_context('spawn'),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as ex:
+        futs = {(ex.submit(fn, **x) if kwargs else ex.submit(fn, x)): i for i, x in enumerate(items)}
+        for f in progress(as_completed(futs), total=len(futs), desc=desc):
+            i = futs[f]
+            try: out[i] = f.result()
+            except Exception as e:
+                for g in futs: g.cancel()
+                raise RuntimeError(f'{desc}: job {i} ({items[i]!r:.200}) failed: {type(e).__name__}: {e}') from e
+    return out
+
