@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .utils import MindLinkError, load_json, save_json, savefig, seed_everything
+from .utils import MindLinkError, load_json, map_jobs, save_json, savefig, seed_everything
 from .data import NSDReader, make_mini_nsd
 from .patching import PatchLayout, PatchStore
 from .embeddings import RegionPCAEmbedder, embed_stimuli, images_to_tensor, stack_tokens
@@ -117,13 +117,18 @@ class FitResult:
     seconds: float               # training wall time
 
 def train_and_score(cfg: MindLinkConfig, root, run_dir, subjects, embedder=None, verbose: bool = False,
-                    device=None, **train_kw) -> FitResult:
+                    device=None,
+                    resume: bool = False,  # continue the run in `run_dir` if it has checkpoints (a finished run is only scored)
+                    **train_kw) -> FitResult:
     "Train `cfg` on `subjects` of `root` into `run_dir`, then score each subject's test images."
-    subjects = [int(s) for s in subjects]
+    subjects, run_dir = [int(s) for s in subjects], Path(run_dir)
+    clock = run_dir / 'train_seconds.json'                  # training wall time, summed over the calls that finished
+    before = load_json(clock)['seconds'] if resume and clock.exists() else 0.0
     t0 = time.time()
-    summary = training.train(cfg, root, run_dir, subjects=subjects, embedder=embedder, overwrite=True,
+    summary = training.train(cfg, root, run_dir, subjects=subjects, embedder=embedder, resume=resume, overwrite=not resume,
                              progress_bar=verbose, device=device or 'cpu', **train_kw)
-    sec = time.time() - t0
+    sec = before + time.time() - t0
+    save_json({'seconds': sec}, clock)
     reader, model = NSDReader(root), training.load_checkpoint(run_dir).model
     emb = RegionPCAEmbedder.load(Path(run_dir) / 'embedder')
     store, decoder, split = pretrained_store(root, cfg), make_reconstructor(emb), reader.split(subjects)
@@ -257,6 +262,7 @@ def adapt(pretrained,                 # run folder (or checkpoint) of the model 
           seed: int = 0,              # seed of the subset, the initialisation and the batches
           warmup_frac: float = 1 / 6, # fraction of the epochs that train L_rec only (Eq. 1)
           n_evals: int = 4,           # validation passes during training (the learning curve)
+          resume: bool = False,       # continue the run in `out_dir` if it has checkpoints (a finished run is only scored)
           **overrides) -> dict:       # config fields to change (lr, batch_size, ...)
     "Train on `n_train` images of a new subject, from the pretrained weights or from scratch, and score it."
     if mode not in ('finetune', 'scratch'): raise MindLinkError(f"mode={mode!r}: expected 'finetune' or 'scratch'")
@@ -271,11 +277,14 @@ def adapt(pretrained,                 # run folder (or checkpoint) of the model 
                                       warmup_epochs=int(epochs * warmup_frac), eval_every=max(1, epochs // n_evals),
                                       ckpt_every=epochs), **overrides})
     store, lost = new_subject_store(root, subject, pretrained_store(root, ck.config))
+    clock = Path(out_dir) / 'train_seconds.json'          # training wall time, summed over the calls that finished
+    before = load_json(clock)['seconds'] if resume and clock.exists() else 0.0
     t0 = time.time()
     summary = training.train(cfg, store, out_dir, reader=reader, subjects=[subject], n_train=n, embedder=run / 'embedder',
-                             init_from=ck.path if mode == 'finetune' else None, overwrite=True, progress_bar=False,
-                             max_steps=steps, device='cpu')
-    sec = time.time() - t0
+                             init_from=ck.path if mode == 'finetune' else None, resume=resume, overwrite=not resume,
+                             progress_bar=False, max_steps=steps, device='cpu')
+    sec = before + time.time() - t0
+    save_json({'seconds': sec}, clock)
     model = training.load_checkpoint(out_dir).model
     emb = RegionPCAEmbedder.load(run / 'embedder')
     ids = reader.split([subject])[subject]['test']
@@ -289,18 +298,22 @@ def adaptation_study(pretrained, root, out_dir, subject: int = 5,
                      seeds=(0, 1, 2),       # repeats of each (size, mode)
                      steps: int = 120,      # optimizer steps of every run (the budget)
                      modes=('finetune', 'scratch'),
-                     verbose: bool = True, **overrides) -> pd.DataFrame:
+                     verbose: bool = True,
+                     jobs: int = 1,         # runs side by side in worker processes (`mindlink.utils.map_jobs`)
+                     threads: int | None = None,  # torch threads per worker (default: cores // jobs)
+                     resume: bool = False,  # reuse the runs already in `out_dir` (continued, or only scored if finished)
+                     **overrides) -> pd.DataFrame:
     "Zero-shot, then fine-tune vs scratch at each size and seed on a new subject; one row per run."
     out_dir = Path(out_dir)
-    zs = zero_shot(pretrained, root, subject)
+    zs = zero_shot(pretrained, root, subject)          # also builds the new subject's patch store, once, before any worker starts
     rows = [dict(mode='zero-shot', n_train=0, seed=0, steps=0, **zs.metrics)]
-    for n in sizes:
-        for seed in seeds:
-            for mode in modes:
-                r = adapt(pretrained, root, out_dir / f'{mode}_n{n}_seed{seed}', subject, n, mode, steps, seed, **overrides)
-                rows.append(r)
-                _say(verbose, f'  {mode:8s} n={n:4d} seed={seed}: retrieval {r["retrieval_top1"]:.1%}, '
-                              f'identification {r["two_way_identification"]:.1%} ({r["train_seconds"]:.0f} s)')
+    runs = [dict(pretrained=pretrained, root=root, out_dir=out_dir / f'{mode}_n{n}_seed{seed}', subject=subject, n_train=n,
+                 mode=mode, steps=steps, seed=seed, resume=resume, **overrides) for n in sizes for seed in seeds for mode in modes]
+    from mindlink import adaptation as lib           # workers import the function from the library by name
+    for r in map_jobs(lib.adapt, runs, jobs, kwargs=True, desc='adaptation runs', threads=threads):
+        rows.append(r)
+        _say(verbose, f'  {r["mode"]:8s} n={r["n_train"]:4d} seed={r["seed"]}: retrieval {r["retrieval_top1"]:.1%}, '
+                      f'identification {r["two_way_identification"]:.1%} ({r["train_seconds"]:.0f} s)')
     return pd.DataFrame(rows)
 
 def adaptation_table(df: pd.DataFrame, metrics=('retrieval_top1', 'two_way_identification', 'PixCorr', 'SSIM')) -> pd.DataFrame:
