@@ -8,10 +8,10 @@ __all__ = ['BENCH_MODULES', 'COMMANDS', 'make_config', 'cmd_data', 'cmd_train', 
            'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #63383a4c
-import argparse, importlib, inspect, json, os, sys, tempfile, time
+import argparse, importlib, inspect, json, math, os, sys, tempfile, time
 from pathlib import Path
 
-from .utils import MindLinkError, load_json, save_json
+from .utils import MindLinkError, load_json, map_jobs, save_json
 
 # %% ../nbs/14_cli.ipynb #d9970a1b
 def _kv(s: str):
@@ -230,6 +230,8 @@ def run_experiments(out,                    # results folder (the chapter reads 
                     data_kw: dict | None = None,  # MiniNSD knobs (default: the demo's)
                     cfg=None,               # base config (default: the demo's)
                     work=None,              # where data and runs go (default: a folder in the system's temp dir; the chapter does not need them)
+                    jobs: int = 1,          # training runs side by side in worker processes (`mindlink.utils.map_jobs`)
+                    fresh: bool = False,    # retrain every run; by default a run already in `work` is continued or, if finished, only scored
                     verbose: bool = True) -> dict:
     "Train and score every configuration of chapter 13 and write its small result files to `out`."
     import numpy as np, pandas as pd, torch
@@ -247,25 +249,41 @@ def run_experiments(out,                    # results folder (the chapter reads 
     root = make_mini_nsd(work / 'data', seed=0, show_progress=verbose, **data_kw)
     subjects = [1, 2, 3, 4]
     arms = {'MindLink': {}, 'w/o L_subj': dict(use_subject_loss=False), 'w/o cross-attention': dict(use_cross_attention=False)}
-    rows, probes, fits, emb_dir = [], [], {}, None
-    def record(method, group, seed, fit, subj_list):
-        for s in subj_list:
-            rows.append(dict(group=group, method=method, seed=seed, subject=s, train_seconds=fit.seconds, **fit.scores[s].metrics))
-    for seed in seeds:
-        for name, kw in arms.items():
-            if verbose: print(f'[experiments] {name}, seed {seed}', flush=True)
-            fit = adaptation.train_and_score(cfg.replace(seed=seed, n_subjects=4, **kw), root, work / f'{name.replace(" ", "_").replace("/", "")}_seed{seed}',
-                                             subjects, embedder=emb_dir)
-            emb_dir = emb_dir or work / f'MindLink_seed{seeds[0]}' / 'embedder'    # every run regresses onto the same z
-            record(name, 'single cross-subject model', seed, fit, subjects)
-            e = torch.cat([fit.embeddings[s] for s in subjects]); lab = np.concatenate([[s] * len(fit.embeddings[s]) for s in subjects])
-            probes.append(dict(method=name, seed=seed, **subject_probe_accuracy(e, lab)))
-            if seed == seeds[0]: fits[name] = (fit, e, lab)
+    # the patch store, the image embedder and the targets, built once here before any worker starts; every run regresses onto the same z
+    from mindlink.training import prepare_data
+    emb_dir = work / 'embedder'
+    data = prepare_data(cfg.replace(n_subjects=len(subjects)), root, subjects)
+    data.info['embedder'].save(emb_dir)
+    runs = [(name, 'single cross-subject model', seed, subjects, cfg.replace(seed=seed, n_subjects=len(subjects), **kw),
+             work / f'{name.replace(" ", "_").replace("/", "")}_seed{seed}') for seed in seeds for name, kw in arms.items()]
+    # Table 1's per-subject setting twice: the same epochs (a quarter of the optimizer steps), and the same steps as the shared model
+    per_epoch = lambda n: max(1, n // cfg.batch_size)           # optimizer steps per epoch (the sampler drops the last partial batch)
+    scaled = lambda k: dict(epochs=math.ceil(cfg.epochs * k), warmup_epochs=math.ceil(cfg.warmup_epochs * k),
+                            eval_every=math.ceil(cfg.eval_every * k), ckpt_every=math.ceil(cfg.ckpt_every * k))
+    # and the shared model given the per-subject models' total compute: as many steps as all of them together
+    n = len(subjects)
+    runs += [(f'MindLink, {n}× steps', 'single cross-subject model', seed, subjects, cfg.replace(seed=seed, n_subjects=n, **scaled(n)),
+              work / f'MindLink_{n}x_steps_seed{seed}') for seed in seeds]
     for s in subjects:
-        if verbose: print(f'[experiments] per-subject model, subj{s:02d}', flush=True)
-        fit = adaptation.train_and_score(cfg.replace(seed=seeds[0], n_subjects=1, use_subject_loss=False), root,
-                                         work / f'per_subject_{s}', [s], embedder=emb_dir)
-        record('MindLink, one model per subject', 'per-subject models', seeds[0], fit, [s])
+        k = per_epoch(sum(data.info['n_train'].values())) / per_epoch(data.info['n_train'][s])
+        same_steps = scaled(k)
+        for seed in seeds:
+            base = cfg.replace(seed=seed, n_subjects=1, use_subject_loss=False)
+            runs += [('MindLink, one model per subject', 'per-subject models', seed, [s], base, work / f'per_subject_{s}_seed{seed}'),
+                     ('MindLink, one model per subject, same steps', 'per-subject models', seed, [s], base.replace(**same_steps),
+                      work / f'per_subject_same_steps_{s}_seed{seed}')]
+    if verbose: print(f'[experiments] {len(runs)} training runs, {jobs} at a time', flush=True)
+    from mindlink import adaptation as lib                      # workers import the function from the library by name
+    results = map_jobs(lib.train_and_score, [dict(cfg=c, root=root, run_dir=d, subjects=subj, embedder=emb_dir, resume=not fresh) for *_, subj, c, d in runs],
+                       jobs, kwargs=True, desc='experiment runs')
+    rows, probes, fits = [], [], {}
+    for (method, group, seed, subj, c, d), fit in zip(runs, results):
+        rows += [dict(group=group, method=method, seed=seed, subject=s, steps=fit.summary['step'], train_seconds=fit.seconds,
+                     **fit.scores[s].metrics) for s in subj]
+        if group != 'single cross-subject model': continue
+        e = torch.cat([fit.embeddings[s] for s in subjects]); lab = np.concatenate([[s] * len(fit.embeddings[s]) for s in subjects])
+        probes.append(dict(method=method, seed=seed, **subject_probe_accuracy(e, lab)))
+        if seed == seeds[0]: fits[method] = (fit, e, lab)
     pd.DataFrame(rows).to_csv(out / 'table12.csv', index=False)
     pd.DataFrame(probes).to_csv(out / 'probe.csv', index=False)
     # Fig. 2: the same six test images from each subject; Fig. 3: t-SNE with and without L_subj
@@ -284,11 +302,14 @@ def run_experiments(out,                    # results folder (the chapter reads 
         if p.exists(): (out / f'full_{f}').write_text(p.read_text())
     # Table 3 / Fig. 4
     if verbose: print('[experiments] adaptation to subject 5', flush=True)
-    df = adaptation.adaptation_study(work / f'MindLink_seed{seeds[0]}', root, work / 'adapt', 5, sizes, seeds, adapt_steps, verbose=verbose)
+    df = adaptation.adaptation_study(work / f'MindLink_seed{seeds[0]}', root, work / 'adapt', 5, sizes, seeds, adapt_steps,
+                                     verbose=verbose, jobs=jobs, resume=not fresh)
     df.to_csv(out / 'table3.csv', index=False)
-    meta = dict(command=f'mindlink experiments --out {out}', seeds=list(seeds), sizes=list(sizes), adapt_steps=adapt_steps,
-                data=dict(data_kw), config=cfg.to_dict(), seconds=time.time() - t_start,
-                made=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), torch_threads=torch.get_num_threads())
+    meta = dict(command=f'mindlink experiments --out {out} --seeds {" ".join(map(str, seeds))} --jobs {jobs}', seeds=list(seeds), jobs=jobs, fresh=fresh, sizes=list(sizes), adapt_steps=adapt_steps,
+                data=dict(data_kw), config=cfg.to_dict(), seconds=time.time() - t_start, training_runs=len(runs),
+                run_seconds_sum=sum(f.seconds for f in results),  # training time of every run, including runs an earlier call trained
+                made=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+                torch_threads=torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs))  # per process
     save_json(meta, out / 'experiments.json')
     if verbose: print(f'[experiments] done in {meta["seconds"]:.0f} s; results in {out}')
     return meta
@@ -296,7 +317,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
 # %% ../nbs/14_cli.ipynb #e70bfaa7
 def cmd_experiments(a):
     "`mindlink experiments`: regenerate chapter 13's result files."
-    kw = dict(seeds=tuple(a.seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work)
+    kw = dict(seeds=tuple(a.seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work, jobs=a.jobs, fresh=a.fresh)
     if a.quick:
         from mindlink.data import TINY_MINI_NSD
         from mindlink.adaptation import demo_config
@@ -385,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--out', required=True, type=Path)
     x.add_argument('--work', type=Path, help='data and runs (default: $TMPDIR/mindlink_experiments)')
     x.add_argument('--seeds', type=int, nargs='+', default=[0], help='seeds of every configuration (more seeds: mean ± spread)')
+    x.add_argument('--jobs', type=int, default=1, help='training runs side by side, one worker process each (e.g. the number of cores)')
+    x.add_argument('--fresh', action='store_true', help='retrain every run (default: continue or reuse the runs already in --work)')
     x.add_argument('--sizes', type=int, nargs='+', help='training images of the new subject (default 50 150 300; --quick: 12 24)')
     x.add_argument('--steps', type=int, default=150, help='optimizer steps of each adaptation run')
     x.add_argument('--quick', action='store_true', help='tiny sizes: checks the plumbing')

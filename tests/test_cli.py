@@ -123,9 +123,23 @@ def test_demo(tmp_path, capsys):
 
 def test_experiments(tmp_path, capsys):
     out = tmp_path / 'exp'
-    assert main(['experiments', '--out', str(out), '--work', str(tmp_path / 'work'), '--quick']) == 0
+    assert main(['experiments', '--out', str(out), '--work', str(tmp_path / 'work'), '--quick', '--jobs', '2']) == 0  # two worker processes
     for f in ('table12.csv', 'probe.csv', 'table3.csv', 'fig2.npz', 'fig3.npz', 'experiments.json'): assert (out / f).exists(), f
     import pandas as pd
     t = pd.read_csv(out / 'table12.csv')
-    assert set(t.method) == {'MindLink', 'w/o L_subj', 'w/o cross-attention', 'MindLink, one model per subject'}
+    assert set(t.method) == {'MindLink', 'w/o L_subj', 'w/o cross-attention', 'MindLink, 4× steps', 'MindLink, one model per subject',
+                             'MindLink, one model per subject, same steps'}
+    # per subject, the same-steps arm takes as many optimizer steps as the shared model
+    steps = t.groupby('method').steps.unique()
+    assert len(steps['MindLink']) == 1 and (steps['MindLink, one model per subject, same steps'] >= steps['MindLink'][0]).all()
+    assert (steps['MindLink, one model per subject'] < steps['MindLink'][0]).all()
+    # the shared model with the per-subject models' total compute: four times its steps
+    assert list(steps['MindLink, 4× steps']) == [4 * steps['MindLink'][0]]
+    # a second call reuses the finished runs in --work: same scores without retraining
+    assert main(['experiments', '--out', str(tmp_path / 'exp2'), '--work', str(tmp_path / 'work'), '--quick']) == 0
+    t2 = pd.read_csv(tmp_path / 'exp2' / 'table12.csv')
+    keys = ['method', 'seed', 'subject', 'steps', 'retrieval_top1', 'two_way_identification', 'PixCorr']
+    pd.testing.assert_frame_equal(t[keys], t2[keys])
+    a3, b3 = (pd.read_csv(tmp_path / d / 'table3.csv') for d in ('exp', 'exp2'))
+    pd.testing.assert_frame_equal(a3[['mode', 'n_train', 'seed', 'steps', 'retrieval_top1']], b3[['mode', 'n_train', 'seed', 'steps', 'retrieval_top1']])
     fails(capsys, ['experiments', '--out', tmp_path / 'e2', '--quick', '--sizes', '5000'], '5000')
