@@ -116,19 +116,24 @@ class FitResult:
     summary: dict                # what mindlink.training.train returned
     seconds: float               # training wall time
 
+def _train_timed(cfg, data, run_dir, resume: bool, **train_kw):
+    "`mindlink.training.train` into `run_dir` (continued there when `resume`) and its wall time, summed over the calls that trained it."
+    clock = Path(run_dir) / 'train_seconds.json'
+    before = load_json(clock)['seconds'] if resume and clock.exists() else 0.0
+    t0 = time.time()
+    summary = training.train(cfg, data, run_dir, resume=resume, overwrite=not resume, **train_kw)
+    sec = before + time.time() - t0
+    save_json({'seconds': sec}, clock)
+    return summary, sec
+
 def train_and_score(cfg: MindLinkConfig, root, run_dir, subjects, embedder=None, verbose: bool = False,
                     device=None,
                     resume: bool = False,  # continue the run in `run_dir` if it has checkpoints (a finished run is only scored)
                     **train_kw) -> FitResult:
     "Train `cfg` on `subjects` of `root` into `run_dir`, then score each subject's test images."
     subjects, run_dir = [int(s) for s in subjects], Path(run_dir)
-    clock = run_dir / 'train_seconds.json'                  # training wall time, summed over the calls that finished
-    before = load_json(clock)['seconds'] if resume and clock.exists() else 0.0
-    t0 = time.time()
-    summary = training.train(cfg, root, run_dir, subjects=subjects, embedder=embedder, resume=resume, overwrite=not resume,
-                             progress_bar=verbose, device=device or 'cpu', **train_kw)
-    sec = before + time.time() - t0
-    save_json({'seconds': sec}, clock)
+    summary, sec = _train_timed(cfg, root, run_dir, resume, subjects=subjects, embedder=embedder,
+                                progress_bar=verbose, device=device or 'cpu', **train_kw)
     reader, model = NSDReader(root), training.load_checkpoint(run_dir).model
     emb = RegionPCAEmbedder.load(Path(run_dir) / 'embedder')
     store, decoder, split = pretrained_store(root, cfg), make_reconstructor(emb), reader.split(subjects)
@@ -277,14 +282,8 @@ def adapt(pretrained,                 # run folder (or checkpoint) of the model 
                                       warmup_epochs=int(epochs * warmup_frac), eval_every=max(1, epochs // n_evals),
                                       ckpt_every=epochs), **overrides})
     store, lost = new_subject_store(root, subject, pretrained_store(root, ck.config))
-    clock = Path(out_dir) / 'train_seconds.json'          # training wall time, summed over the calls that finished
-    before = load_json(clock)['seconds'] if resume and clock.exists() else 0.0
-    t0 = time.time()
-    summary = training.train(cfg, store, out_dir, reader=reader, subjects=[subject], n_train=n, embedder=run / 'embedder',
-                             init_from=ck.path if mode == 'finetune' else None, resume=resume, overwrite=not resume,
-                             progress_bar=False, max_steps=steps, device='cpu')
-    sec = before + time.time() - t0
-    save_json({'seconds': sec}, clock)
+    summary, sec = _train_timed(cfg, store, out_dir, resume, reader=reader, subjects=[subject], n_train=n, embedder=run / 'embedder',
+                                init_from=ck.path if mode == 'finetune' else None, progress_bar=False, max_steps=steps, device='cpu')
     model = training.load_checkpoint(out_dir).model
     emb = RegionPCAEmbedder.load(run / 'embedder')
     ids = reader.split([subject])[subject]['test']

@@ -11,7 +11,7 @@ __all__ = ['BENCH_MODULES', 'COMMANDS', 'make_config', 'cmd_data', 'cmd_train', 
 import argparse, importlib, inspect, json, math, os, sys, tempfile, time
 from pathlib import Path
 
-from .utils import MindLinkError, load_json, map_jobs, save_json
+from .utils import MindLinkError, load_json, map_jobs, save_json, worker_threads
 
 # %% ../nbs/14_cli.ipynb #d9970a1b
 def _kv(s: str):
@@ -257,7 +257,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
     runs = [(name, 'single cross-subject model', seed, subjects, cfg.replace(seed=seed, n_subjects=len(subjects), **kw),
              work / f'{name.replace(" ", "_").replace("/", "")}_seed{seed}') for seed in seeds for name, kw in arms.items()]
     # Table 1's per-subject setting twice: the same epochs (a quarter of the optimizer steps), and the same steps as the shared model
-    per_epoch = lambda n: max(1, n // cfg.batch_size)           # optimizer steps per epoch (the sampler drops the last partial batch)
+    per_epoch = lambda n_images: max(1, n_images // cfg.batch_size)           # optimizer steps per epoch (the sampler drops the last partial batch)
     scaled = lambda k: dict(epochs=math.ceil(cfg.epochs * k), warmup_epochs=math.ceil(cfg.warmup_epochs * k),
                             eval_every=math.ceil(cfg.eval_every * k), ckpt_every=math.ceil(cfg.ckpt_every * k))
     # and the shared model given the per-subject models' total compute: as many steps as all of them together
@@ -273,8 +273,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
                      ('MindLink, one model per subject, same steps', 'per-subject models', seed, [s], base.replace(**same_steps),
                       work / f'per_subject_same_steps_{s}_seed{seed}')]
     if verbose: print(f'[experiments] {len(runs)} training runs, {jobs} at a time', flush=True)
-    from mindlink import adaptation as lib                      # workers import the function from the library by name
-    results = map_jobs(lib.train_and_score, [dict(cfg=c, root=root, run_dir=d, subjects=subj, embedder=emb_dir, resume=not fresh) for *_, subj, c, d in runs],
+    results = map_jobs(adaptation.train_and_score, [dict(cfg=c, root=root, run_dir=d, subjects=subj, embedder=emb_dir, resume=not fresh) for *_, subj, c, d in runs],
                        jobs, kwargs=True, desc='experiment runs')
     rows, probes, fits = [], [], {}
     for (method, group, seed, subj, c, d), fit in zip(runs, results):
@@ -309,7 +308,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
                 data=dict(data_kw), config=cfg.to_dict(), seconds=time.time() - t_start, training_runs=len(runs),
                 run_seconds_sum=sum(f.seconds for f in results),  # training time of every run, including runs an earlier call trained
                 made=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-                torch_threads=torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs))  # per process
+                torch_threads=torch.get_num_threads() if jobs == 1 else worker_threads(jobs))  # per process
     save_json(meta, out / 'experiments.json')
     if verbose: print(f'[experiments] done in {meta["seconds"]:.0f} s; results in {out}')
     return meta

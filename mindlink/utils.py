@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MindLinkError', 'get_device', 'seed_everything', 'atomic_write', 'save_json', 'load_json', 'save_safetensors',
-           'load_safetensors', 'savefig', 'progress', 'map_jobs']
+           'load_safetensors', 'savefig', 'progress', 'worker_threads', 'map_jobs']
 
 # %% ../nbs/90_utils.ipynb #294e5eb1
 import json, os, random, tempfile
@@ -106,6 +106,10 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 # %% ../nbs/90_utils.ipynb #958097b5
+def worker_threads(jobs: int) -> int:
+    "Torch threads each of `jobs` worker processes gets by default: the machine's cores shared out, at least 1."
+    return max(1, (os.cpu_count() or 1) // jobs)
+
 def map_jobs(fn,               # a function defined in a module (workers import it by name)
              items,            # one argument per job (a dict of keyword arguments when `kwargs=True`)
              jobs: int = 1,    # worker processes (1: run here, in order)
@@ -121,7 +125,7 @@ def map_jobs(fn,               # a function defined in a module (workers import 
                             'import the function by name, so pass one defined in a module (e.g. mindlink\'s own)')
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or worker_threads(jobs)
     out = [None] * len(items)
     with ProcessPoolExecutor(min(jobs, len(items)), mp_context=mp.get_context('spawn'),
                              initializer=torch.set_num_threads, initargs=(threads,)) as ex:
