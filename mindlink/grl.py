@@ -41,17 +41,25 @@ def dann_coeff(progress: float,      # p, training progress in [0, 1] (clipped)
 
 # %% ../nbs/05_grl.ipynb #838f568b
 class SubjectClassifier(nn.Module):
-    "S_c: mean over the N_I tokens, LayerNorm, MLP; logits over the training subjects."
+    "S_c: LayerNorm per token, all N_I tokens side by side (or their mean), MLP; logits over the training subjects."
     def __init__(self, d_model: int,      # d, width of b
                  n_subjects: int,         # S, training subjects (only `head` depends on it)
-                 hidden: int = 256):
+                 hidden: int = 64,        # h
+                 n_tokens: int = 16,      # N_I, tokens of b
+                 pool: str = 'flat'):     # 'flat': read all N_I d numbers; 'mean': average the tokens first
         super().__init__()
         if n_subjects < 1: raise MindLinkError(f'n_subjects must be >= 1, got {n_subjects}')
-        self.body = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, hidden), nn.GELU())
+        if pool not in ('flat', 'mean'): raise MindLinkError(f"pool={pool!r}: expected 'flat' or 'mean'")
+        self.pool, self.n_tokens = pool, n_tokens
+        self.norm = nn.LayerNorm(d_model)
+        self.body = nn.Sequential(nn.Linear(d_model * (n_tokens if pool == 'flat' else 1), hidden), nn.GELU())
         self.head = nn.Linear(hidden, n_subjects)
 
-    def forward(self, b):                    # (N, N_I, d)
-        return self.head(self.body(b.mean(1)))  # (N, S)
+    def forward(self, b):                                         # (N, N_I, d)
+        if self.pool == 'mean': return self.head(self.body(self.norm(b.mean(1))))   # (N, S)
+        if b.shape[1] != self.n_tokens:
+            raise MindLinkError(f'S_c: expected b with {self.n_tokens} tokens, got {tuple(b.shape)}')
+        return self.head(self.body(self.norm(b).flatten(1)))                       # (N, S)
 
 def subject_loss(logits: torch.Tensor,   # S_c(GRL(b)), (N, S)
                  subject: torch.Tensor   # s, (N,) int64 in [0, S)

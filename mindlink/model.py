@@ -40,7 +40,8 @@ class MindLinkConfig:
     dec_layers: int = 4              # decoder D depth (ours)
     dec_dim: int = 256               # decoder width (ours)
     dec_heads: int = 8               # decoder heads (ours)
-    cls_hidden: int = 256            # hidden width of S_c (ours)
+    cls_hidden: int = 64             # hidden width h of S_c (ours)
+    cls_pool: str = 'flat'           # S_c reads all N_I tokens ('flat') or their mean ('mean') (ours; chapter 05_grl)
     proj_hidden: int = 0             # hidden width of P; 0 = max(d_model, token_dim) (ours)
     mask_ratio: float = 0.75         # fraction of patches hidden for MVM (ours: MAE's value)
     mask_mode: str = 'drop'          # 'drop' (MAE: encoder sees visible patches only) or 'zero' (literal B ⊙ M)
@@ -52,6 +53,8 @@ class MindLinkConfig:
     lambdas: tuple = (1.0, 1.0, 1.0, 1e-2)  # λ1..λ4 of Eq. 6: rec, subj, align, local
     grad_checkpointing: bool = False # recompute encoder blocks in backward to save memory
     pos_scale: float = 1.0           # gain on the 3D positional encoding (ours; chapter 03_vit3d)
+    patch_embed: str = 'shared'      # 'shared' W_e (ViT's) or 'per_position' (one W_e per grid cell; ours, chapter 03_vit3d)
+    pos_grid: tuple = ()             # patch-grid shape (G0, G1, G2) for 'per_position'; filled from the layout by `with_grid`
     # --- training (read by mindlink.training) ---
     lr: float = 3e-4                 # one-cycle maximum learning rate
     weight_decay: float = 0.01       # AdamW weight decay (ours: AdamW's default)
@@ -73,6 +76,7 @@ class MindLinkConfig:
 
     def __post_init__(self):
         self.lambdas = tuple(float(x) for x in self.lambdas); self.betas = tuple(float(x) for x in self.betas)
+        self.pos_grid = tuple(int(x) for x in self.pos_grid)
         bad = []
         if self.patch_dim != self.patch ** 3: bad.append(f'patch_dim={self.patch_dim} must equal patch**3={self.patch ** 3}')
         for w, h in (('d_model', 'n_heads'), ('dec_dim', 'dec_heads')):
@@ -86,6 +90,9 @@ class MindLinkConfig:
         if self.n_subjects < 1: bad.append(f'n_subjects={self.n_subjects} must be >= 1')
         if not 0 <= self.warmup_epochs <= self.epochs: bad.append(f'warmup_epochs={self.warmup_epochs} must lie in [0, epochs={self.epochs}]')
         if self.tau <= 0: bad.append(f'tau={self.tau} must be > 0')
+        if self.patch_embed not in ('shared', 'per_position'): bad.append(f"patch_embed={self.patch_embed!r} must be 'shared' or 'per_position'")
+        if self.pos_grid and (len(self.pos_grid) != 3 or min(self.pos_grid) < 1): bad.append(f'pos_grid={self.pos_grid} must be () or three positive cell counts')
+        if self.cls_pool not in ('flat', 'mean'): bad.append(f"cls_pool={self.cls_pool!r} must be 'flat' or 'mean'")
         if bad: raise MindLinkError('MindLinkConfig: ' + '; '.join(bad))
 
     @classmethod
@@ -95,11 +102,18 @@ class MindLinkConfig:
 
     @classmethod
     def tiny(cls, **kw):
-        "A small model for MiniNSD on a CPU: patch 4 (P=64), width 64, 2 + 1 layers, 16 tokens of 64; 30 epochs (1 warm-up), about 2 min on 2 cores."
+        "A small model for MiniNSD on a CPU: patch 4 (P=64), a patch embedding per grid cell, width 64, 2 + 1 layers, 16 tokens of 64; 30 epochs (1 warm-up), about 2 min on 2 cores."
         return cls(patch=4, patch_dim=64, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
-                   token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, lr=1e-3, batch_size=64,
+                   token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, patch_embed='per_position', lr=1e-3, batch_size=64,
                    epochs=30, warmup_epochs=1, mixed_precision='no', num_workers=0, ckpt_every=10, eval_every=5,
                    log_every=10).replace(**kw)
+
+    def with_grid(self, coords):
+        "This config with `pos_grid` read off the patch-grid coordinates `coords` (L, 3), when the patch embedding needs one."
+        if self.patch_embed != 'per_position' or self.pos_grid: return self
+        c = torch.as_tensor(coords).detach().cpu()
+        if c.ndim != 2 or c.shape[1] != 3 or len(c) == 0: raise MindLinkError(f'coords: expected (L, 3) grid coordinates, got {tuple(c.shape)}')
+        return self.replace(pos_grid=tuple(int(v) + 1 for v in c.amax(0)))
 
     def to_dict(self) -> dict:
         "A JSON-friendly dict of every field."
@@ -135,11 +149,15 @@ class MindLink(nn.Module):
     def __init__(self, cfg: MindLinkConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.patch_embed == 'per_position' and not cfg.pos_grid:
+            raise MindLinkError("patch_embed='per_position' needs pos_grid, the patch grid's shape: build the model from "
+                                "cfg.with_grid(coords) (the trainer does this from the layout)")
         self.encoder = ViT3DEncoder(cfg.patch_dim, cfg.d_model, cfg.n_heads, cfg.enc_layers, cfg.perceiver_layers,
-                                    cfg.n_tokens, cfg.mlp_ratio, cfg.dropout, cfg.grad_checkpointing, cfg.pos_scale)      # E_b
+                                    cfg.n_tokens, cfg.mlp_ratio, cfg.dropout, cfg.grad_checkpointing, cfg.pos_scale,
+                                    cfg.patch_embed, cfg.pos_grid or None)                                 # E_b
         self.decoder = MVMDecoder(cfg.d_model, cfg.patch_dim, cfg.dec_dim, cfg.dec_layers, cfg.dec_heads,
                                   cfg.mlp_ratio, cfg.dropout)                                              # D
-        self.subject_classifier = (SubjectClassifier(cfg.d_model, cfg.n_subjects, cfg.cls_hidden)
+        self.subject_classifier = (SubjectClassifier(cfg.d_model, cfg.n_subjects, cfg.cls_hidden, cfg.n_tokens, cfg.cls_pool)
                                    if cfg.use_subject_loss else None)                                      # S_c
         self.projector = Projector(cfg.d_model, cfg.token_dim, cfg.proj_hidden or None)                    # P
         self.token_attention = TokenCrossAttention(cfg.token_dim) if cfg.use_cross_attention else None     # Q, K, V
@@ -210,6 +228,7 @@ _COMPONENTS = [  # (module path, name, symbol, used at inference)
     ('encoder.norm', 'Transformer encoder', 'E_b', True),
     ('encoder.perceiver', 'Perceiver', 'E_b', True),
     ('decoder', 'MVM decoder', 'D', False),
+    ('subject_classifier.norm', 'subject classifier', 'S_c', False),
     ('subject_classifier.body', 'subject classifier', 'S_c', False),
     ('subject_classifier.head', 'subject classifier, last layer', 'S_c', False),
     ('projector', 'fMRI projector', 'P', True),
@@ -239,7 +258,7 @@ def parameter_table(self: MindLink) -> pd.DataFrame:
     return component_parameters(self)
 
 # %% ../nbs/08_model.ipynb #bf94a22c
-NO_DECAY = ('latents', 'mask_token')  # learned embeddings, never decayed: the Perceiver's latent array, the decoder's mask token
+NO_DECAY = ('bias', 'latents', 'mask_token')  # never decayed: biases (also the per-cell (cells, d) ones), the Perceiver's latent array, the decoder's mask token
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     "Two AdamW parameter groups of any module: matrices with `weight_decay`; biases, norms, latents and the mask token without."
@@ -319,6 +338,8 @@ def model_flops(cfg: MindLinkConfig,   # the model's config
     if mode != 'predict' and cfg.mask_ratio > 0:
         T_vis = L - min(int(round(cfg.mask_ratio * L)), L - 1) if cfg.mask_mode == 'drop' else L
         f['encoder (masked pass)'] = _encoder_flops(cfg, T_vis)
+        # the per-cell patch embedding embeds every patch, then keeps the visible ones
+        if cfg.patch_embed == 'per_position': f['encoder (masked pass)'] += 2 * (L - T_vis) * cfg.patch_dim * d
         f['decoder'] = (2 * n * d * cfg.dec_dim + cfg.dec_layers * _block_flops(L + n, cfg.dec_dim, cfg.mlp_ratio)
                         + 2 * L * cfg.dec_dim * cfg.patch_dim)
     if mode != 'warmup':
@@ -326,7 +347,7 @@ def model_flops(cfg: MindLinkConfig,   # the model's config
         f['encoder (full pass)'] = _encoder_flops(cfg, L)
         f['projector'] = 2 * n * (d * h + h * t)
     if mode == 'train':
-        if cfg.use_subject_loss: f['subject classifier'] = 2 * (d * cfg.cls_hidden + cfg.cls_hidden * cfg.n_subjects)
+        if cfg.use_subject_loss: f['subject classifier'] = 2 * ((n if cfg.cls_pool == 'flat' else 1) * d * cfg.cls_hidden + cfg.cls_hidden * cfg.n_subjects)
         if cfg.use_cross_attention: f['token cross-attention'] = 2 * n * 3 * t * t + 4 * n * n * t
         f['local loss'] = 2 * n * n * t
     f = {k: v * batch for k, v in f.items()}
@@ -386,9 +407,10 @@ def _bench(cfg, preset, batch, device, L, micro_batch, steps, warmup, precision)
     precision = precision or ('bf16' if device.type == 'cuda' else 'no')
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
     torch.manual_seed(0)
-    model = MindLink(cfg).to(device).train()
     side = round(L ** (1 / 3)) + 1
     coords = torch.stack(torch.meshgrid(*[torch.arange(side)] * 3, indexing='ij'), -1).reshape(-1, 3)[:L].to(device)
+    cfg = cfg.with_grid(coords)
+    model = MindLink(cfg).to(device).train()
     B = torch.randn(micro, L, cfg.patch_dim, device=device)
     s = torch.randint(0, cfg.n_subjects, (micro,), device=device)
     z = torch.randn(micro, cfg.n_tokens, cfg.token_dim, device=device)

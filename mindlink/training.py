@@ -205,7 +205,7 @@ class Trainer:
                  preload: str | bool = 'auto',  # copy the training set to the device once: True, False, or 'auto' (if it is small)
                  progress_bar: bool = True,
                  record_batches: bool = False):  # write the (subject, image_id) pairs each rank trained on (for tests)
-        self.cfg, self.data, self.out_dir = as_config(cfg), data, Path(out_dir)
+        self.cfg, self.data, self.out_dir = as_config(cfg).with_grid(data.coords), data, Path(out_dir)
         cfg = self.cfg
         cpu = (device is not None and torch.device(device).type == 'cpu') or not torch.cuda.is_available()
         mp = resolve_precision(cfg.mixed_precision, 'cpu' if cpu else 'cuda')

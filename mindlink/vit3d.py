@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['sincos_1d', 'axis_dims', 'pos_encoding_3d', 'Attention', 'MLP', 'Block', 'PerceiverLayer', 'Perceiver',
-           'ViT3DEncoder']
+           'PositionalPatchEmbed', 'ViT3DEncoder']
 
 # %% ../nbs/03_vit3d.ipynb #2287142f
 import math
@@ -107,6 +107,39 @@ class Perceiver(nn.Module):
         for layer in self.layers: u = layer(u, x)
         return self.norm(u)
 
+# %% ../nbs/03_vit3d.ipynb #0a2853e0
+class PositionalPatchEmbed(nn.Module):
+    "Patch embedding per grid cell: the patch at cell c_l is embedded by its own W_{e,c_l} (P -> d) and bias."
+    def __init__(self, patch_dim: int,   # P, voxels per patch
+                 d_model: int,           # d, token width
+                 grid):                  # (G0, G1, G2), the shape of the patch grid (cells per axis)
+        super().__init__()
+        self.grid = tuple(int(g) for g in grid)
+        if len(self.grid) != 3 or min(self.grid) < 1:
+            raise MindLinkError(f'grid: expected three positive cell counts (G0, G1, G2), got {grid}')
+        bound = 1 / math.sqrt(patch_dim)                                  # nn.Linear's initialisation, per cell
+        self.weight = nn.Parameter(torch.empty(math.prod(self.grid), patch_dim, d_model).uniform_(-bound, bound))  # W_e, (cells, P, d)
+        self.bias = nn.Parameter(torch.empty(math.prod(self.grid), d_model).uniform_(-bound, bound))               # b_e, (cells, d)
+        self._checked = None                                              # the coords tensor last validated
+
+    def cells(self, coords):
+        "Each patch's row in the table, (L,): its grid cell in C order. Checked once per coords tensor (one host sync)."
+        if coords is not self._checked:
+            g = torch.tensor(self.grid)
+            c = coords.detach().cpu()
+            if c.ndim != 2 or c.shape[1] != 3 or (c < 0).any() or (c >= g).any():
+                raise MindLinkError(f'coords: expected (L, 3) grid coordinates inside the grid {self.grid} of this '
+                                    f'patch embedding (MindLinkConfig.pos_grid), got {tuple(c.shape)} with max '
+                                    f'{c.amax(0).tolist() if c.numel() else None}')
+            self._checked = coords
+        return (coords[:, 0] * self.grid[1] + coords[:, 1]) * self.grid[2] + coords[:, 2]
+
+    def forward(self, patches,   # B, (N, L, P)
+                coords):         # (L, 3) grid coordinates
+        "Tokens W_{e,c_l} B_l + b_{e,c_l}, (N, L, d)."
+        i = self.cells(coords)
+        return torch.einsum('nlp,lpd->nld', patches, self.weight[i]) + self.bias[i]
+
 # %% ../nbs/03_vit3d.ipynb #de732c01
 class ViT3DEncoder(nn.Module):
     "E_b: 3D ViT over patch tokens + 3D positional encoding, then a Perceiver to N_I latents."
@@ -119,11 +152,17 @@ class ViT3DEncoder(nn.Module):
                  mlp_ratio: float = 4.0,
                  dropout: float = 0.0,
                  grad_checkpointing: bool = False,
-                 pos_scale: float = 1.0):      # gain on the positional encoding (see below)
+                 pos_scale: float = 1.0,       # gain on the positional encoding (see below)
+                 patch_embed: str = 'shared',  # 'shared' (one W_e, ViT's) or 'per_position' (one W_e per grid cell)
+                 grid=None):                   # (G0, G1, G2) patch-grid shape, for 'per_position'
         super().__init__()
         self.patch_dim, self.d_model, self.grad_checkpointing = patch_dim, d_model, grad_checkpointing
         self.pos_scale = pos_scale
-        self.patch_embed = nn.Linear(patch_dim, d_model)   # W_e: P -> d
+        if patch_embed == 'shared': self.patch_embed = nn.Linear(patch_dim, d_model)   # W_e: P -> d
+        elif patch_embed == 'per_position':
+            if grid is None: raise MindLinkError("patch_embed='per_position' needs the patch grid's shape `grid`")
+            self.patch_embed = PositionalPatchEmbed(patch_dim, d_model, grid)          # W_{e,c}: P -> d per cell
+        else: raise MindLinkError(f"patch_embed={patch_embed!r}: expected 'shared' or 'per_position'")
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(enc_layers))
         self.norm = nn.LayerNorm(d_model)
         self.perceiver = Perceiver(d_model, n_tokens, perceiver_layers, n_heads, mlp_ratio, dropout)
@@ -135,7 +174,10 @@ class ViT3DEncoder(nn.Module):
         if coords.shape != (patches.shape[1], 3):
             raise MindLinkError(f'coords: expected ({patches.shape[1]}, 3) to match patches, got {tuple(coords.shape)}')
         pe = self.pos_scale * pos_encoding_3d(coords, self.d_model).to(patches.device)        # (L, d)
-        if keep is None: x = self.patch_embed(patches) + pe                   # (N, L, d)
+        if isinstance(self.patch_embed, PositionalPatchEmbed):
+            x = self.patch_embed(patches, coords) + pe                        # (N, L, d)
+            if keep is not None: x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (N, L', d)
+        elif keep is None: x = self.patch_embed(patches) + pe                 # (N, L, d)
         else:
             P = patches.shape[-1]
             x = self.patch_embed(patches.gather(1, keep[..., None].expand(-1, -1, P))) + pe[keep]  # (N, L', d)

@@ -10,6 +10,9 @@ from mindlink.model import MindLink, MindLinkConfig, model_flops
 from mindlink.utils import MindLinkError, load_safetensors, save_safetensors
 
 
+GRID = (3, 3, 3)  # the patch grid of _inputs' coordinates (the tiny preset embeds patches per grid cell)
+
+
 def _inputs(cfg, n=3, L=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     coords = torch.stack(torch.meshgrid(*[torch.arange(3)] * 3, indexing='ij'), -1).reshape(-1, 3)[:L]
@@ -20,7 +23,7 @@ def _inputs(cfg, n=3, L=20, seed=0):
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    model = MindLink(MindLinkConfig.tiny())
+    model = MindLink(MindLinkConfig.tiny(pos_grid=GRID))
     return model, model.save_pretrained(tmp_path / 'ckpt')
 
 
@@ -116,7 +119,7 @@ def test_overrides_on_load(saved):
 
 @pytest.mark.parametrize('bad, msg', [('patches', 'patches'), ('coords', 'coords'), ('subject', 'subject'), ('target', 'target')])
 def test_forward_bad_input(bad, msg):
-    cfg = MindLinkConfig.tiny()
+    cfg = MindLinkConfig.tiny(pos_grid=GRID)
     model = MindLink(cfg)
     B, coords, s, z = _inputs(cfg)
     args = dict(patches=B, coords=coords, subject=s, target=z)
@@ -125,7 +128,7 @@ def test_forward_bad_input(bad, msg):
 
 
 def test_zero_mask_mode_and_flops():
-    cfg = MindLinkConfig.tiny(mask_mode='zero')
+    cfg = MindLinkConfig.tiny(mask_mode='zero', pos_grid=GRID)
     B, coords, s, z = _inputs(cfg)
     out = MindLink(cfg)(B, coords, s, z)
     assert out['rec'] > 0 and torch.isfinite(out['loss'])
@@ -145,6 +148,7 @@ def test_model_on_mini_nsd_layout(mini_nsd_root):
     X = torch.cat([torch.as_tensor(layout.roi_tokens(s, data[s].betas)) for s in subjects]).float()
     subj = torch.cat([torch.full((len(data[s].betas),), i) for i, s in enumerate(subjects)])
     coords = torch.as_tensor(layout.coords)
+    cfg = cfg.with_grid(coords)
     assert X.shape[1:] == (layout.n_patches, cfg.patch_dim)
     idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:24]   # a mixed-subject batch
     X, subj = X[idx], subj[idx]
@@ -163,7 +167,7 @@ def test_model_on_mini_nsd_layout(mini_nsd_root):
 
 
 def test_rec_only_without_masking_is_refused():
-    cfg = MindLinkConfig.tiny(mask_ratio=0.0)
+    cfg = MindLinkConfig.tiny(mask_ratio=0.0, pos_grid=GRID)
     B, coords, s, z = _inputs(cfg)
     with pytest.raises(MindLinkError, match='mask_ratio'): MindLink(cfg)(B, coords, s, z, rec_only=True)
     out = MindLink(cfg)(B, coords, s, z)
