@@ -26,7 +26,7 @@ from .utils import (MindLinkError, atomic_write, get_device, load_json, load_saf
                             save_safetensors, savefig, seed_everything)
 from .data import NSDReader
 from .embeddings import RegionPCAEmbedder, embed_stimuli
-from .grl import dann_coeff
+from .grl import check_subjects, dann_coeff
 from .metrics import retrieval_top1
 from .model import MindLink, MindLinkConfig, bench_matmul, model_flops, peak_bf16_flops
 from .patching import PatchDataset, PatchLayout, PatchStore
@@ -43,7 +43,7 @@ def resolve_precision(requested: str, device) -> str:
 
 # %% ../nbs/09_training.ipynb #5b937e4b
 class ShardedBatchSampler(torch.utils.data.Sampler):
-    "Deterministic micro-batches of `micro_batch` indices for rank `rank` of `world`; epoch order seeded by (`seed`, epoch)."
+    "Deterministic micro-batches of `micro_batch` indices from rank `rank`'s own share of the data; epoch order seeded by (`seed`, epoch, rank)."
     def __init__(self, n: int,  # dataset size
                  micro_batch: int,  # samples per process per forward pass, m = B/(W A)
                  world: int = 1, rank: int = 0, accum: int = 1, seed: int = 0):
@@ -54,6 +54,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         if self.steps_per_epoch == 0:
             raise MindLinkError(f'{n} training samples cannot fill one global batch of {self.global_batch} '
                                 f'(batch_size); lower batch_size or use more data')
+        self.share = torch.arange(rank, n, world)  # this rank's samples r, r+W, ..., for the whole run
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start_step: int = 0):
@@ -61,17 +62,19 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start_step = epoch, start_step
 
     def order(self, epoch: int) -> torch.Tensor:
-        "The permutation of the data set visited in `epoch` (the same on every rank)."
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        "The order (data-set indices) in which this rank visits its share in `epoch`."
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1_000_000_007 * self.rank)  # rank 0: one process's order
+        return self.share[torch.randperm(len(self.share), generator=g)]
+
+    def micro_batches(self) -> torch.Tensor:
+        "The rest of the epoch (from `start_step`) as one `(n_micro, micro_batch)` tensor of data-set indices."
+        a, b = self.start_step * self.accum * self.micro, self.steps_per_epoch * self.accum * self.micro
+        return self.order(self.epoch)[a:b].view(-1, self.micro)
 
     def __len__(self): return (self.steps_per_epoch - self.start_step) * self.accum
 
     def __iter__(self):
-        perm = self.order(self.epoch)
-        for j in range(self.start_step * self.accum, self.steps_per_epoch * self.accum):
-            k = (j * self.world + self.rank) * self.micro
-            yield perm[k:k + self.micro].tolist()
+        for mb in self.micro_batches(): yield mb.tolist()
 
 # %% ../nbs/09_training.ipynb #fa1effcd
 @dataclass
@@ -174,16 +177,34 @@ class TrainData:
     subjects: list = field(default_factory=list)  # the subject numbers, in the order of the `subject` index
     info: dict = field(default_factory=dict)  # anything worth recording (data root, sizes, embedder)
 
-def _collate_all(ds, batch_size=256):
-    "The whole data set as one dict of stacked tensors."
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-    parts = list(dl)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def _gather(ds, idx) -> dict:
+    "Items `idx` of `ds` as one dict of stacked (CPU) tensors: one `ds.batch` call for a patch dataset."
+    if hasattr(ds, 'batch'): return ds.batch(idx)
+    return torch.utils.data.default_collate([ds[int(i)] for i in idx])
 
-def _prefetch(batches, device):
-    "Issue each batch's host-to-device copy one batch ahead (non-blocking from pinned memory)."
+def _stored_dtype(ds, item) -> torch.dtype:
+    "The dtype the patches are stored in (float16 for a float16 `PatchStore`): holding them so loses nothing."
+    store = getattr(ds, 'store', None)
+    if store is not None and np.dtype(getattr(store, 'dtype', np.float32)) == np.float16: return torch.float16
+    return torch.as_tensor(item['patches']).dtype
+
+def _preload(ds, idx, device, patches_dtype, n_subjects, chunk: int = 256) -> dict:
+    "Items `idx` of `ds` stacked on `device` (patches in `patches_dtype`), copied chunk by chunk; labels checked on the way."
+    out = {}
+    for a in range(0, len(idx), chunk):
+        b = _gather(ds, idx[a:a + chunk])
+        check_subjects(b['subject'], n_subjects, f'training data ({type(ds).__name__}), items {a}..{a + len(b["subject"]) - 1}')
+        for k, v in b.items():
+            v = torch.as_tensor(v)
+            if k not in out: out[k] = torch.empty((len(idx), *v.shape[1:]), dtype=patches_dtype if k == 'patches' else v.dtype, device=device)
+            out[k][a:a + len(v)].copy_(v)  # casts to the held dtype
+    return out
+
+def _prefetch(batches, device, n_subjects=None, where='training data'):
+    "Issue each batch's host-to-device copy one batch ahead (non-blocking from pinned memory), checking its labels on the host."
     nxt = None
     for b in batches:
+        if n_subjects is not None: check_subjects(b['subject'], n_subjects, where)
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         if nxt is not None: yield nxt
         nxt = b
@@ -213,8 +234,10 @@ class Trainer:
         cfg = self.cfg
         cpu = (device is not None and torch.device(device).type == 'cpu') or not torch.cuda.is_available()
         mp = resolve_precision(cfg.mixed_precision, 'cpu' if cpu else 'cuda')
+        # after the warm-up every parameter gets a gradient (unless L_rec is off): no search for unused ones
+        uses_all = cfg.mask_ratio > 0 and cfg.lambdas[0] > 0
         self.acc = Accelerator(cpu=cpu, mixed_precision=mp,
-                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not uses_all)])
         acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
         self.device, self.precision = acc.device, mp
         accum = max(1, int(cfg.grad_accum))
@@ -240,8 +263,14 @@ class Trainer:
         if ckpt is not None: self._restore(ckpt)
         if cfg.compile: model = torch.compile(model)
         self.model, self.opt = acc.prepare(model, self.opt)
+        self._warm_model = None  # the warm-up's own DDP wrapper, which allows unused parameters (S_c, P, Q/K/V)
+        ddp = nn.parallel.DistributedDataParallel
+        if isinstance(self.model, ddp) and not self.model.find_unused_parameters and self.state['step'] < self.schedule.warmup_steps:
+            self._warm_model = ddp(self.model.module, device_ids=self.model.device_ids, output_device=self.model.output_device,
+                                   find_unused_parameters=True)
         if acc.scaler is not None and self._scaler_state: acc.scaler.load_state_dict(self._scaler_state)
         self.coords = data.coords.to(self.device).long()
+        self._alpha = torch.zeros((), device=self.device)  # α of the GRL, refilled each step (a tensor: no recompiles as it moves)
         self._batches = self._make_batches(preload, num_workers)
         if acc.is_main_process: save_json(self.cfg.to_dict(), self.out_dir / 'config.json')
         # last of all, the random stream the loop draws masks and dropout from: restored, or one per rank
@@ -254,32 +283,40 @@ class Trainer:
 # %% ../nbs/09_training.ipynb #fb548511
 @patch
 def _make_batches(self: Trainer, preload, num_workers):
-    ds, dev = self.data.train, self.device
-    item = ds[0]
-    nbytes = len(ds) * sum(v.numel() * v.element_size() for v in map(torch.as_tensor, item.values()))
+    ds, dev, S = self.data.train, self.device, self.cfg.n_subjects
+    item, share = ds[0], self.sampler.share  # this rank's samples
+    held = _stored_dtype(ds, item)
+    per_item = sum(torch.as_tensor(v).numel() * (held.itemsize if k == 'patches' else torch.as_tensor(v).element_size())
+                   for k, v in item.items())
     budget = 2**30 if dev.type == 'cpu' else 0.25 * torch.cuda.mem_get_info(dev)[0]
-    if preload == 'auto': preload = nbytes <= budget
+    if preload == 'auto': preload = len(share) * per_item <= budget
     if preload:
-        self._tensors = {k: v.to(dev) for k, v in _collate_all(ds).items()}
+        self._tensors = _preload(ds, share, dev, held, S)
         def batches():
-            for idx in self.sampler: yield {k: v[torch.as_tensor(idx, device=dev)] for k, v in self._tensors.items()}
+            mb = self.sampler.micro_batches()                              # (n_micro, m) data-set indices
+            local = (mb - self.sampler.rank) // self.sampler.world          # their rows in this rank's share
+            local = local.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else local  # one copy per epoch
+            for j in range(len(local)): yield {k: v.index_select(0, local[j]) for k, v in self._tensors.items()}
         return batches
     nw = self.cfg.num_workers if num_workers is None else num_workers
-    kw = dict(num_workers=nw, pin_memory=dev.type == 'cuda', generator=torch.Generator())
+    kw = dict(num_workers=nw, pin_memory=dev.type == 'cuda', generator=torch.Generator(), persistent_workers=nw > 0)
     if hasattr(ds, 'batch'): loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=self.sampler, **kw)  # ds[list] reads a whole batch
     else: loader = torch.utils.data.DataLoader(ds, batch_sampler=self.sampler, **kw)
-    return lambda: _prefetch(loader, dev)
+    return lambda: _prefetch(loader, dev, S, f'training data ({type(ds).__name__})')
 
 # %% ../nbs/09_training.ipynb #77021790
 @patch
 def _train_step(self: Trainer, micro_batches, sums):
     t = self.state['step']
-    rec_only, alpha = self.schedule.rec_only(t), self.schedule.dann(t)  # warm-up phase, GRL coefficient α(p)
+    rec_only = self.schedule.rec_only(t)  # warm-up phase
+    self._alpha.fill_(self.schedule.dann(t))  # GRL coefficient α(p), on the device without a sync
     self._lr = self.sched.get_last_lr()[0]  # the lr this step uses
+    if not rec_only: self._warm_model = None  # the warm-up is over: drop its wrapper (and its buffers)
+    model = self._warm_model if rec_only and self._warm_model is not None else self.model
     for i, b in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if sync else self.acc.no_sync(self.model)):
-            out = self.model(b['patches'], self.coords, b['subject'], b['target'], dann_coeff=alpha, rec_only=rec_only)
+        with (contextlib.nullcontext() if sync else self.acc.no_sync(model)):
+            out = model(b['patches'], self.coords, b['subject'], b['target'], dann_coeff=self._alpha, rec_only=rec_only)
             self.acc.backward(out['loss'] / self.accum)  # L_rec in the warm-up, L_total (Eq. 6) after it
         sums += torch.stack([out[k].detach().float() for k in LOSS_KEYS])
         if self.record: self.seen += [(self.state['epoch'], s, i) for s, i in zip(b['subject'].tolist(), b['image_id'].tolist())]
