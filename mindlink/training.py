@@ -908,6 +908,9 @@ def bench_gpu(smoke: bool = False,       # tiny sizes on any device: the CI rehe
     if tests: section('cuda tests', 60, lambda: _run_marked_tests('cuda', timeout=max(60, budget_s - (time.perf_counter() - t_start))))
     micro = (step or {}).get('micro_batch')
     section('step (compiled)', 120, lambda: _fit_step(S['preset'], S['batch'], L, S['compile'], dev, S['steps'], S['warmup'], micro))
+    steps_done = [r['samples_per_s'] for k, r in res['sections'].items() if k.startswith('step') and 'samples_per_s' in r]
+    for row in res['sections'].get('loader', {}).get('rows', []):
+        if steps_done: row['vs_fastest_step'] = row['samples_per_s'] / max(steps_done)  # the ratio the patching chapter asks for (>= 5)
     res['seconds'] = time.perf_counter() - t_start; save()
     print(gpu_report(res).to_string(index=False), flush=True)
     return res
@@ -928,7 +931,9 @@ def gpu_report(res: dict):
             for k, w in (('samples_per_s', 'samples/s'), ('achieved_tflops', 'TFLOP/s'), ('mfu', 'MFU'), ('peak_mem_gb', 'peak memory (GB)'),
                          ('first_step_s', 'first step (s)'), ('paper_run_hours', 'paper run (GPU-hours)')): add(s, w, r.get(k))
         elif s == 'loader':
-            for row in r['rows']: add(s, f"{row['path']} samples/s (x step)", f"{row['samples_per_s']:.4g}" + (f" ({row['vs_step']:.2f}x)" if 'vs_step' in row else ''))
+            for row in r['rows']:
+                x = row.get('vs_fastest_step', row.get('vs_step'))
+                add(s, f"{row['path']} samples/s (x fastest step)", f"{row['samples_per_s']:.4g}" + (f" ({x:.2f}x)" if x else ''))
         elif s == 'reconstruction':
             for row in r['rows']: add(s, f"batch {row['batch_size']} images/s (min for 982)", f"{row['recon_per_s']:.3g} ({row['minutes_for_982']:.3g})")
         elif s == 'cuda tests':
