@@ -844,10 +844,10 @@ def _fit_step(preset, batch, L, compile, device, steps, warmup, micro=None) -> d
             r = bench_train(preset, batch_size=batch, grad_accum=batch // micro, n_patches=L, steps=steps, warmup=warmup,
                             device=device, compile=compile)
             return {**r, 'out_of_memory_at': tried}
-        except torch.OutOfMemoryError:
-            tried.append(micro); gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()
-            if micro == 1: raise
-            micro //= 2
+        except torch.OutOfMemoryError: pass
+        tried.append(micro); gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()  # (out of the handler: its frames are gone)
+        if micro == 1: raise MindLinkError(f'{preset} step: out of memory even at micro-batch 1 (tried {tried})')
+        micro //= 2
 
 GPU_CHECK = 'timeout 570 mindlink bench gpu --json bench_gpu.json'  # what a session with a GPU runs first (~5-8 min)
 
