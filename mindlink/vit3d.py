@@ -107,7 +107,7 @@ class Perceiver(nn.Module):
         for layer in self.layers: u = layer(u, x)
         return self.norm(u)
 
-# %% ../nbs/03_vit3d.ipynb #0a2853e0
+# %% ../nbs/03_vit3d.ipynb #7a54c0c2
 class PositionalPatchEmbed(nn.Module):
     "Patch embedding per grid cell: the patch at cell c_l is embedded by its own W_{e,c_l} (P -> d) and bias."
     def __init__(self, patch_dim: int,   # P, voxels per patch
