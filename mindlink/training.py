@@ -8,7 +8,7 @@ __all__ = ['LOSS_KEYS', 'RUN_ONLY_FIELDS', 'PAPER_SUBJECTS', 'GPU_CHECK', 'resol
            'verify_checkpoint', 'TrainData', 'Trainer', 'save_model', 'latest_checkpoint', 'config_diff',
            'load_weights', 'CSVLog', 'predict_tokens', 'evaluate_retrieval', 'as_config', 'init_model', 'Checkpoint',
            'load_checkpoint', 'default_subjects', 'prepare_data', 'train', 'bench_train', 'bench_batches', 'bench_gpu',
-           'gpu_report']
+           'gpu_report', 'learning_curves', 'plot_learning_curves', 'adversary_check']
 
 # %% ../nbs/09_training.ipynb #96bff469
 import contextlib, csv, gc, itertools, json, math, os, random, resource, shutil, signal, subprocess, sys, tempfile, threading, time, warnings
@@ -24,11 +24,11 @@ from accelerate.utils import DistributedDataParallelKwargs
 from fastcore.basics import patch
 from torch import nn
 
-from .utils import (MindLinkError, atomic_write, get_device, load_json, load_safetensors, progress, save_json,
-                            save_safetensors, savefig, seed_everything)
+from .utils import (MindLinkError, atomic_write, get_device, load_json, load_safetensors, map_jobs, progress,
+                            save_json, save_safetensors, savefig, seed_everything)
 from .data import NSDReader
 from .embeddings import RegionPCAEmbedder, embed_stimuli
-from .grl import check_subjects, dann_coeff
+from .grl import SubjectClassifier, check_subjects, dann_coeff
 from .metrics import retrieval_top1
 from .model import MindLink, MindLinkConfig, bench_matmul, model_flops, param_groups, peak_bf16_flops
 from .patching import PatchDataset, PatchLayout, PatchStore, synthetic_roi
@@ -938,3 +938,91 @@ def gpu_report(res: dict):
     return pd.DataFrame(rows)
 
 bench_gpu.report = gpu_report  # what `mindlink bench gpu` prints
+
+# %% ../nbs/09_training.ipynb #9d8e1f58
+def _curve_run(cfg: dict, root: str, run_dir: str, subjects: list, resume: bool) -> dict:
+    "One arm of `learning_curves`: train, then return its validation curve and cost (a worker's job)."
+    run_dir = Path(run_dir)
+    t0 = time.time()
+    summary = train(MindLinkConfig.from_dict(cfg), root, run_dir, subjects=subjects, resume=resume, overwrite=not resume,
+                    device='cpu', progress_bar=False)
+    clock = run_dir / 'train_seconds.json'
+    sec = (load_json(clock)['seconds'] if resume and clock.exists() else 0.0) + time.time() - t0
+    if summary['step'] > 0: save_json({'seconds': sec}, clock)
+    val = pd.read_csv(run_dir / 'val.csv')
+    log = pd.read_csv(run_dir / 'log.csv')
+    return dict(val=val.to_dict('list'), seconds=sec, steps=summary['step'],
+                last=log.iloc[-1][[k for k in LOSS_KEYS if k in log]].to_dict())
+
+def learning_curves(arms: dict,            # arm name -> MindLinkConfig
+                    root,                  # data root (NSD layout; the demo's MiniNSD)
+                    out,                   # folder: one run per (arm, seed)
+                    subjects=(1, 2, 3, 4),
+                    seeds=(0,),
+                    jobs: int = 1,         # runs side by side in worker processes
+                    resume: bool = True):  # continue or reuse the runs already in `out`
+    "Held-out top-1 retrieval against the step for every arm and seed: `(curves, runs)`, two DataFrames."
+    import pandas as pd
+    out, subjects = Path(out), [int(s) for s in subjects]
+    first = next(iter(arms.values()))
+    prepare_data(first.replace(n_subjects=len(subjects)), root, subjects)   # patch store, embedder, targets: once, here
+    jobs_kw = [dict(cfg=c.replace(seed=s, n_subjects=len(subjects), eval_every=1).to_dict(), root=str(root),
+                    run_dir=str(out / f"{name.replace(' ', '_').replace('/', '')}_seed{s}"), subjects=subjects, resume=resume)
+               for name, c in arms.items() for s in seeds]
+    res = map_jobs(_curve_run, jobs_kw, jobs, kwargs=True, desc='learning curves')
+    curves, runs = [], []
+    for (name, s), r in zip([(n, s) for n in arms for s in seeds], res):
+        v = pd.DataFrame(r['val'])
+        curves.append(pd.DataFrame(dict(arm=name, seed=s, step=v.step, top1=v.top1)))
+        runs.append(dict(arm=name, seed=s, steps=r['steps'], seconds=r['seconds'], top1=float(v.top1.iloc[-1]),
+                         **{f'final_{k}': float(x) for k, x in r['last'].items()}))
+    return pd.concat(curves, ignore_index=True), pd.DataFrame(runs)
+
+def plot_learning_curves(curves, arms=None, ax=None, chance: float | None = 0.01, title: str | None = None):
+    "Mean held-out top-1 retrieval (over seeds) against the step, one line per arm, the seeds' range shaded."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(6, 3.4))[1]
+    for name in (arms or list(dict.fromkeys(curves.arm))):
+        g = curves[curves.arm == name].groupby('step').top1
+        m = g.mean()
+        ax.plot(m.index, m.values, label=name)
+        if g.size().max() > 1: ax.fill_between(m.index, g.min().values, g.max().values, alpha=.2)
+    if chance: ax.axhline(chance, color='k', ls='--', lw=.8, label='chance')
+    ax.set(xlabel='optimizer step', ylabel='held-out top-1 retrieval', title=title)
+    ax.legend(fontsize=7)
+    return ax
+
+# %% ../nbs/09_training.ipynb #b7feca1e
+@torch.no_grad()
+def _embeddings(model, data: TrainData, batch_size: int = 256):
+    "Encoder embeddings b and subject indices of the training set and of the held-out sets (labels by `data.subjects`)."
+    enc = lambda ds: torch.cat([model.encode(b['patches'].float(), data.coords)
+                                for b in torch.utils.data.DataLoader(ds, batch_size=batch_size)])
+    Xtr = enc(data.train)
+    ytr = torch.cat([b['subject'] for b in torch.utils.data.DataLoader(data.train, batch_size=batch_size)])
+    Xte = torch.cat([enc(ds) for ds in data.val.values()])
+    yte = torch.cat([torch.full((len(ds),), data.subjects.index(s)) for s, ds in data.val.items()])
+    return Xtr, ytr.long(), Xte, yte
+
+def adversary_check(model,                 # a trained MindLink (its encoder is frozen here)
+                    data: TrainData,       # training set (S_c and probe fit) and held-out sets (accuracy)
+                    steps: int = 400, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                    pool: str | None = None) -> dict:   # S_c's pooling (default: the model's config)
+    "Held-out subject accuracy of a fresh S_c trained on frozen embeddings with α = 0, and of a fresh linear probe on the same split."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    cfg, S = model.cfg, len(data.subjects)
+    Xtr, ytr, Xte, yte = _embeddings(model, data)
+    torch.manual_seed(seed)
+    sc = SubjectClassifier(cfg.d_model, S, cfg.cls_hidden, cfg.n_tokens, pool or cfg.cls_pool)
+    opt = torch.optim.AdamW(sc.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(Xtr), (batch_size,), generator=g)
+        loss = F.cross_entropy(sc(Xtr[i]), ytr[i])
+        opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad(): acc = (sc(Xte).argmax(1) == yte).float().mean().item()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(Xtr.flatten(1).numpy(), ytr.numpy())
+    return dict(classifier=acc, probe=float(probe.score(Xte.flatten(1).numpy(), yte.numpy())), chance=1 / S,
+                pool=pool or cfg.cls_pool, n_train=len(Xtr), n_test=len(Xte))
