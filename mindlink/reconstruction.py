@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .utils import MindLinkError, get_device, progress, savefig
+from .utils import MindLinkError, get_device, hf_progress, progress, savefig
 from .embeddings import IPAdapterPlusEmbedder, RegionPCAEmbedder, images_to_tensor, resolve_ip_adapter_file
 
 # %% ../nbs/10_reconstruction.ipynb #7134214e
@@ -116,8 +116,9 @@ def build_tiny_sd_ip_adapter(path, seed: int = 0) -> dict:
     from mindlink.utils import save_safetensors
     path = Path(path)
     pipe, vision, ip_sd = build_sd_ip_adapter_pipeline('tiny', seed, tokenizer_dir=path / 'tokenizer_src')
-    pipe.save_pretrained(path / 'sd')
-    vision.save_pretrained(path / 'ip_adapter' / 'models' / 'image_encoder')
+    with hf_progress():   # transformers' "Writing model shards" bar only on a terminal
+        pipe.save_pretrained(path / 'sd')
+        vision.save_pretrained(path / 'ip_adapter' / 'models' / 'image_encoder')
     save_safetensors(ip_sd, path / 'ip_adapter' / 'models' / 'ip-adapter-plus_sd15.safetensors')
     return {'sd': path / 'sd', 'ip_adapter': path / 'ip_adapter'}
 
@@ -160,7 +161,8 @@ class SDReconstructor:
             emb = IPAdapterPlusEmbedder.from_pretrained(ip_adapter_path, subfolder, weight_name, device=device, dtype=dtype, local_files_only=local_files_only)
             negative_tokens = emb.negative_tokens(); del emb
             if device.type == 'cuda': torch.cuda.empty_cache()
-        try: pipe = StableDiffusionPipeline.from_pretrained(str(sd_path), safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=local_files_only)
+        try:
+            with hf_progress(): pipe = StableDiffusionPipeline.from_pretrained(str(sd_path), safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=local_files_only)
         except OSError as e: raise MindLinkError(f'Stable Diffusion {sd_path} could not be loaded ({e}). {_SD_HELP}') from None
         pipe.load_ip_adapter(str(ip_adapter_path), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None, local_files_only=local_files_only)
         return cls(pipe, negative_tokens, device, dtype)
