@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['MindLinkError', 'get_device', 'seed_everything', 'atomic_write', 'save_json', 'load_json', 'save_safetensors',
-           'load_safetensors', 'savefig', 'progress_on', 'progress', 'hf_progress', 'worker_threads', 'map_jobs']
+           'load_safetensors', 'savefig', 'progress_on', 'progress', 'hf_progress', 'hf_quiet', 'worker_threads',
+           'map_jobs']
 
 # %% ../nbs/90_utils.ipynb #294e5eb1
 import importlib, json, os, random, sys, tempfile, warnings
@@ -125,6 +126,16 @@ def hf_progress():
     try: yield
     finally:
         for lib, on in zip(libs, was): (lib.enable_progress_bar if on else lib.disable_progress_bar)()
+
+@contextmanager
+def hf_quiet():
+    "Inside the block, transformers' and diffusers' loggers report errors only: for a call whose warnings cannot apply."
+    libs = [sys.modules[m] for m in ('transformers.utils.logging', 'diffusers.utils.logging') if m in sys.modules]
+    was = [lib.get_verbosity() for lib in libs]
+    for lib in libs: lib.set_verbosity_error()
+    try: yield
+    finally:
+        for lib, level in zip(libs, was): lib.set_verbosity(level)
 
 # %% ../nbs/90_utils.ipynb #958097b5
 def worker_threads(jobs: int) -> int:
