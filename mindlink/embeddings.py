@@ -218,8 +218,9 @@ class IPAdapterPlusEmbedder:
     def dim(self) -> int: return self.resampler.proj_out.out_features
     @property
     def identity(self) -> str:
-        return f'{self.name}-n{self.n_tokens}-d{self.dim}-' + _digest(self.resampler.latents, self.resampler.proj_out.weight,
-                                                                      self.image_encoder.vision_model.post_layernorm.weight, self.image_encoder.config.to_json_string())
+        digest = _digest(self.resampler.latents, self.resampler.proj_out.weight,
+                         self.image_encoder.vision_model.post_layernorm.weight, self.image_encoder.config.to_json_string())
+        return f'{self.name}-n{self.n_tokens}-d{self.dim}-{digest}'
 
     @classmethod
     def from_pretrained(cls,

@@ -74,8 +74,8 @@ function collect(mathError) {
                          .map(p => p.innerText.split('\n').reduce((a, b) => (b.length > a.length ? b : a), ''));
   for (const m of root.querySelectorAll('div.math, mjx-container[display="true"]'))   // an equation cut off at the right
     if (m.scrollWidth > m.clientWidth + 2) scrolling.push('equation: ' + (m.textContent || '').slice(0, 80));
-  const wide = Array.from(root.querySelectorAll('table'))
-                    .filter(t => t.getBoundingClientRect().width > root.getBoundingClientRect().width + 2)
+  const wide = Array.from(root.querySelectorAll('table'))      // past the page, or cut off by its output box
+                    .filter(t => t.getBoundingClientRect().right > (t.closest('.cell_output') || root).getBoundingClientRect().right + 2)
                     .map(t => t.innerText.split('\n')[0].slice(0, 80));
   done({blocks, outputs, stderr, math, merrors, untypeset, images, scrolling, wide, mathError: mathError || null});
 }
@@ -115,7 +115,8 @@ def chromium():
 
 def math_words(tex: str) -> list[str]:
     "Words set as math in `tex` (prose or code names): runs of 3+ letters outside `\\text{}`-like commands and labels."
-    t = TEXT_COMMANDS.sub(' ', tex)
+    t = re.sub(r'\\(?:begin|end)\s*\{[^{}]*\}', ' ', tex)   # environment names (aligned, split, ...)
+    t = TEXT_COMMANDS.sub(' ', t)
     t = re.sub(r'\\[A-Za-z]+', ' ', t)   # command names (\frac, \mathcal, ...)
     t = LABEL.sub(' ', t)                # L_{rec}, \xi^{pop}
     return WORD_IN_MATH.findall(t)

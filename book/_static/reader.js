@@ -21,7 +21,7 @@ document.addEventListener('DOMContentLoaded', () => {
       const line = document.createElement('span');
       line.className = 'reader-line';
       line.append(...nodes);
-      const hang = line.textContent.match(/^ */)[0].length + 4;
+      const hang = Math.min(line.textContent.match(/^ */)[0].length + 4, 32);   // at most 32: rows stay readable
       line.style.paddingLeft = `${hang}ch`;
       line.style.textIndent = `-${hang}ch`;
       line.append(document.createTextNode('\n'));   // an inline block ends the row; the newline keeps copied text intact
