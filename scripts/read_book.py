@@ -59,7 +59,9 @@ function collect(mathError) {
     if (window.MathJax && MathJax.startup && MathJax.startup.document)
       for (const m of MathJax.startup.document.math) {
         math.push(m.math);
-        const mml = MathJax.startup.toMML(m.root);   // a TeX error becomes <merror>; an unknown macro red text
+        let mml = '';                                 // a TeX error becomes <merror>; an unknown macro red text
+        try { mml = MathJax.startup.toMML(m.root); }
+        catch (e) { mathError = mathError || `MathJax cannot give back what it typeset (${e})`; }
         const err = mml.match(/data-mjx-error="([^"]*)"/) || (/<merror/.test(mml) && ['', 'error']);
         if (err) merrors.push(`${err[1]} in ${m.math.slice(0, 120)}`);
         else if (/mathcolor="red"/.test(mml)) merrors.push(`undefined control sequence in ${m.math.slice(0, 120)}`);
