@@ -56,6 +56,7 @@ def test_chapter_html(html_dir, chapter):
                                          f'notebook, {got} rendered in the HTML')
     if n_display + n_inline:
         assert 'mathjax/tex-svg-full.js' in html, f'{chapter}: MathJax is not served from the book'
+    assert html.count('mathjax/tex-svg-full.js') <= 1, f'{chapter}: MathJax loaded twice (see scripts/build_book.py)'
     assert not re.search(r'<script[^>]+src="https?://[^"]*mathjax', html, flags=re.I), f'{chapter}: MathJax from a CDN'
     outputs = re.findall(r'<div class="cell_output docutils container">(.*?)</div>\s*</div>', html, flags=re.S)
     assert any(o.strip() for o in outputs), f'{chapter}: no executed output in the HTML'
