@@ -143,7 +143,7 @@ def test_demo(tmp_path, capsys):
     out = tmp_path / 'demo'
     assert main(['demo', '--out', str(out), '--quick']) == 0
     printed = capsys.readouterr().out
-    assert str(out.resolve()) in printed
+    assert str(out) in printed                                  # the folder as the user named it
     m = json.loads((out / 'metrics.json').read_text())
     assert {'retrieval_top1', 'retrieval_chance', 'two_way_identification'} <= set(m)
     assert m['retrieval_chance'] == pytest.approx(1 / m['n_test'])
