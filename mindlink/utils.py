@@ -172,16 +172,21 @@ def map_jobs(fn,               # a function defined in a module (workers import 
 
 
 # %% ../nbs/90_utils.ipynb #d18cc8c3
-# area -> the modules whose `bench_*` functions it runs
+# area -> what it runs: a module (its `bench_*` functions) or 'module:function' (that one alone, left out of its module's area)
 BENCH_MODULES = {'data': ('mindlink.data', 'mindlink.mininsd'), 'patching': ('mindlink.patching',), 'model': ('mindlink.model',),
-                 'train': ('mindlink.training',), 'reconstruct': ('mindlink.reconstruction',), 'metrics': ('mindlink.metrics',)}
+                 'train': ('mindlink.training',), 'reconstruct': ('mindlink.reconstruction',), 'metrics': ('mindlink.metrics',),
+                 'gpu': ('mindlink.training:bench_gpu',)}
 
 def bench_functions(area: str) -> dict:
     "name -> function: the `bench_*` functions of `area`'s modules that can run with their defaults."
     if area not in BENCH_MODULES: raise MindLinkError(f'bench {area!r}: expected one of {list(BENCH_MODULES)}')
+    own = {e for entries in BENCH_MODULES.values() for e in entries if ':' in e}  # functions with an area of their own
     out = {}
-    for mod in map(importlib.import_module, BENCH_MODULES[area]):
+    for entry in BENCH_MODULES[area]:
+        modname, _, only = entry.partition(':')
+        mod = importlib.import_module(modname)
         for name, f in vars(mod).items():
+            if (name != only) if only else f'{modname}:{name}' in own: continue
             if not name.startswith('bench_') or not callable(f) or getattr(f, '__module__', None) != mod.__name__: continue
             ps = inspect.signature(f).parameters.values()
             if all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in ps): out[name] = f

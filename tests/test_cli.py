@@ -74,8 +74,8 @@ def test_progress_bars_on_a_terminal_only(tmp_path):
 
 
 def test_bad_arguments_exit_2(capsys):
-    with pytest.raises(SystemExit) as e: main(['bench', 'gpu'])
-    assert e.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e: main(['bench', 'tpu'])
+    assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e: main([])
     assert e.value.code == 2
 
@@ -138,6 +138,27 @@ def test_bench(tmp_path, capsys):
     fails(capsys, ['bench', 'metrics', '--set', 'nope=1'], "no benchmark takes ['nope']")
     fails(capsys, ['bench', 'data', '--only', 'bench_nothing'], 'bench_nothing')
 
+
+
+def test_bench_gpu_smoke_through_the_gpu_script(tmp_path):
+    "The first GPU check's exact command, at tiny sizes on this machine: scripts/gpu_check.sh --smoke (nbs/09_training.ipynb)."
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_check.sh'
+    r = subprocess.run(['bash', str(script), '--smoke'], capture_output=True, text=True, timeout=600,
+                       env={**__import__('os').environ, 'PYTHON': sys.executable, 'OUT': str(tmp_path), 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads((tmp_path / 'bench_gpu.json').read_text())
+    sec = res['sections']
+    assert res['smoke'] and set(sec) == {'device', 'step (eager)', 'loader', 'reconstruction', 'cuda tests', 'step (compiled)'}
+    assert not [k for k, v in sec.items() if 'error' in v or 'not_run' in v]
+    for k in ('step (eager)', 'step (compiled)'): assert sec[k]['samples_per_s'] > 0 and sec[k]['achieved_tflops'] > 0
+    assert sec['step (compiled)']['compile'] == 'aot_eager'
+    assert {row['path'] for row in sec['loader']['rows']} == {'host, 0 workers', 'host, 1 worker', 'preloaded on cpu'}
+    assert all(row['vs_fastest_step'] > 0 for row in sec['loader']['rows'])
+    assert [row['batch_size'] for row in sec['reconstruction']['rows']] == [1, 2]
+    t = sec['cuda tests']
+    assert t['returncode'] == 0 and t['failed'] == t['errors'] == 0 and t['skipped'] == len(t['cases']) >= 6   # no GPU here
+    log = (tmp_path / 'bench_gpu.log').read_text()
+    assert 'samples/s' in log and 'results written to' in log
 
 def test_demo(tmp_path, capsys):
     out = tmp_path / 'demo'
