@@ -122,9 +122,9 @@ def cmd_demo(a):
     cfg = demo_config(**dict(a.set))
     data_kw = dict(TINY_MINI_NSD) if a.quick else None
     if a.quick: cfg = cfg.replace(**QUICK_TRAIN)
-    print(f'mindlink demo: MiniNSD -> patches -> embeddings -> training -> reconstruction -> metrics, results in {out.resolve()}')
+    print(f'mindlink demo: MiniNSD -> patches -> embeddings -> training -> reconstruction -> metrics, results in {out}')
     res = run_pipeline(out, cfg=cfg, data_kw=data_kw, verbose=True)
-    print(f'done in {time.time() - t0:.0f} s. Results: {out.resolve()}')
+    print(f'done in {time.time() - t0:.0f} s. Results: {out}')
     for k, v in res.files.items(): print(f'  {k:22s} {v}')
 
 # %% ../nbs/14_cli.ipynb #d18cc8c3

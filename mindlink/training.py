@@ -19,8 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from fastcore.basics import patch
 from torch import nn
 
@@ -32,6 +30,9 @@ from .grl import SubjectClassifier, check_subjects, dann_coeff
 from .metrics import retrieval_top1
 from .model import MindLink, MindLinkConfig, bench_matmul, model_flops, param_groups, peak_bf16_flops
 from .patching import PatchDataset, PatchLayout, PatchStore, synthetic_roi
+# after mindlink.utils, which imports tqdm.auto without its ipywidgets warning (chapter 90); accelerate imports it too
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 # %% ../nbs/09_training.ipynb #51cc43ab
 def resolve_precision(requested: str, device) -> str:
