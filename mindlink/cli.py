@@ -148,8 +148,16 @@ def cmd_bench(a):
 
 # %% ../nbs/14_cli.ipynb #e70bfaa7
 def cmd_experiments(a):
-    "`mindlink experiments`: `mindlink.experiments.run_experiments` regenerates chapter 13's result files."
-    from mindlink.experiments import run_experiments
+    "`mindlink experiments`: chapter 13's result files (`run_experiments`), or with `--learning` chapter 9's study (`run_learning_study`)."
+    from mindlink.experiments import LEARNING_ARMS, run_experiments, run_learning_study
+    if a.learning:
+        kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
+        if a.quick:
+            from mindlink.mininsd import TINY_MINI_NSD
+            from mindlink.pipeline import QUICK_TRAIN, demo_config
+            kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
+                      arms={n: LEARNING_ARMS[n] for n in list(LEARNING_ARMS)[:2]})
+        return run_learning_study(a.out, **kw)
     kw = dict(seeds=tuple(a.seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work, jobs=a.jobs, fresh=a.fresh)
     if a.quick:
         from mindlink.mininsd import TINY_MINI_NSD
@@ -245,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--sizes', type=int, nargs='+', help='training images of the new subject (default 50 150 300; --quick: 12 24)')
     x.add_argument('--steps', type=int, default=150, help='optimizer steps of each adaptation run')
     x.add_argument('--quick', action='store_true', help='tiny sizes: checks the plumbing')
+    x.add_argument('--learning', action='store_true', help="chapter 9's learning-speed study instead (results for nbs/learning_cache)")
     return p
 
 COMMANDS = dict(data=cmd_data, train=cmd_train, evaluate=cmd_evaluate, reconstruct=cmd_reconstruct, adapt=cmd_adapt,

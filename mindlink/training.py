@@ -940,7 +940,7 @@ def gpu_report(res: dict):
 
 bench_gpu.report = gpu_report  # what `mindlink bench gpu` prints
 
-# %% ../nbs/09_training.ipynb #9d8e1f58
+# %% ../nbs/09_training.ipynb #c4d8c4d7
 def _curve_run(cfg: dict, root: str, run_dir: str, subjects: list, resume: bool) -> dict:
     "One arm of `learning_curves`: train, then return its validation curve and cost (a worker's job)."
     run_dir = Path(run_dir)
@@ -950,6 +950,7 @@ def _curve_run(cfg: dict, root: str, run_dir: str, subjects: list, resume: bool)
     clock = run_dir / 'train_seconds.json'
     sec = (load_json(clock)['seconds'] if resume and clock.exists() else 0.0) + time.time() - t0
     if summary['step'] > 0: save_json({'seconds': sec}, clock)
+    import pandas as pd
     val = pd.read_csv(run_dir / 'val.csv')
     log = pd.read_csv(run_dir / 'log.csv')
     return dict(val=val.to_dict('list'), seconds=sec, steps=summary['step'],
@@ -963,12 +964,12 @@ def learning_curves(arms: dict,            # arm name -> MindLinkConfig
                     jobs: int = 1,         # runs side by side in worker processes
                     resume: bool = True):  # continue or reuse the runs already in `out`
     "Held-out top-1 retrieval against the step for every arm and seed: `(curves, runs)`, two DataFrames."
-    import pandas as pd
+    import pandas as pd, re
     out, subjects = Path(out), [int(s) for s in subjects]
     first = next(iter(arms.values()))
     prepare_data(first.replace(n_subjects=len(subjects)), root, subjects)   # patch store, embedder, targets: once, here
     jobs_kw = [dict(cfg=c.replace(seed=s, n_subjects=len(subjects), eval_every=1).to_dict(), root=str(root),
-                    run_dir=str(out / f"{name.replace(' ', '_').replace('/', '')}_seed{s}"), subjects=subjects, resume=resume)
+                    run_dir=str(out / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}_seed{s}"), subjects=subjects, resume=resume)
                for name, c in arms.items() for s in seeds]
     res = map_jobs(_curve_run, jobs_kw, jobs, kwargs=True, desc='learning curves')
     curves, runs = [], []
@@ -993,7 +994,7 @@ def plot_learning_curves(curves, arms=None, ax=None, chance: float | None = 0.01
     ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/09_training.ipynb #b7feca1e
+# %% ../nbs/09_training.ipynb #be6aad64
 @torch.no_grad()
 def _embeddings(model, data: TrainData, batch_size: int = 256):
     "Encoder embeddings b and subject indices of the training set and of the held-out sets (labels by `data.subjects`)."
