@@ -19,8 +19,10 @@ from .data import NSDReader
 from .mininsd import make_mini_nsd
 from .metrics import subject_probe_accuracy
 from .training import prepare_data
-from .pipeline import DEMO_DATA, demo_config, train_and_score
+from .pipeline import DEMO_DATA, demo_config, score_tokens, train_and_score
 from .adaptation import adaptation_study
+from .baselines import BASELINES, BASELINE_GROUP, baseline_targets, fit_baseline
+from .reconstruction import make_reconstructor
 
 # %% ../nbs/13_experiments.ipynb #02df38ba
 def experiment_runs(cfg,              # the base config (the demo's)
@@ -61,6 +63,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
                     work=None,              # where data and runs go (default: a folder in the system's temp dir; the chapter does not need them)
                     jobs: int = 1,          # training runs side by side in worker processes (`mindlink.utils.map_jobs`)
                     fresh: bool = False,    # retrain every run; by default a run already in `work` is continued or, if finished, only scored
+                    baseline_options: dict | None = None,  # kind -> options of the baselines' `fit_baseline` (default: their own)
                     verbose: bool = True) -> dict:
     "Train and score every configuration of chapter 13 and write its small result files to `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -83,11 +86,22 @@ def run_experiments(out,                    # results folder (the chapter reads 
     rows, probes, fits = [], [], {}
     for (method, group, seed, subj, c, d), fit in zip(runs, results):
         rows += [dict(group=group, method=method, seed=seed, subject=s, steps=fit.summary['step'], train_seconds=fit.seconds,
-                     **fit.scores[s].metrics) for s in subj]
+                      params=sum(p.numel() for p in fit.model.parameters()), **fit.scores[s].metrics) for s in subj]
         if group != 'single cross-subject model': continue
         e = torch.cat([fit.embeddings[s] for s in subjects]); lab = np.concatenate([[s] * len(fit.embeddings[s]) for s in subjects])
         probes.append(dict(method=method, seed=seed, **subject_probe_accuracy(e, lab)))
         if seed == seeds[0]: fits[method] = (fit, e, lab)
+    # the flattened-voxel baselines (chapter 11a): same subjects, voxels and targets z, scored by the same code;
+    # an MLP per seed, the ridge once (its only random choice, the CV folds, uses the first seed)
+    if verbose: print('[experiments] baselines on flattened voxels', flush=True)
+    reader, emb, baseline_options = NSDReader(root), data.info['embedder'], baseline_options or {}
+    z, decoder = baseline_targets(reader, subjects, embedder=emb), make_reconstructor(emb)
+    for kind in BASELINES:
+        for seed in (seeds[:1] if kind == 'ridge' else seeds):
+            bl = fit_baseline(kind, reader, subjects, z, seed=seed, **baseline_options.get(kind, {}))
+            rows += [dict(group=BASELINE_GROUP, method=BASELINES[kind], seed=seed, subject=s, steps=bl.info['options'].get('steps', 0),
+                          train_seconds=bl.info['seconds'], params=bl.n_params,
+                          **score_tokens(bl.predict(s, bl.test_ids[s]), bl.test_ids[s], z, reader, decoder, s).metrics) for s in subjects]
     pd.DataFrame(rows).to_csv(out / 'table12.csv', index=False)
     pd.DataFrame(probes).to_csv(out / 'probe.csv', index=False)
     # Fig. 2: the same six test images from each subject; Fig. 3: t-SNE with and without L_subj
@@ -110,6 +124,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
                           verbose=verbose, jobs=jobs, resume=not fresh)
     df.to_csv(out / 'table3.csv', index=False)
     meta = dict(command=f'mindlink experiments --out {out} --seeds {" ".join(map(str, seeds))} --jobs {jobs}', seeds=list(seeds), jobs=jobs, fresh=fresh, sizes=list(sizes), adapt_steps=adapt_steps,
+                baseline_options=baseline_options,
                 data=dict(data_kw), config=cfg.to_dict(), seconds=time.time() - t_start, training_runs=len(runs),
                 run_seconds_sum=sum(f.seconds for f in results),  # training time of every run, including runs an earlier call trained
                 made=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
