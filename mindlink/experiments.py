@@ -19,10 +19,9 @@ from .data import NSDReader
 from .mininsd import make_mini_nsd
 from .metrics import subject_probe_accuracy
 from .training import prepare_data
-from .pipeline import DEMO_DATA, demo_config, score_tokens, train_and_score
+from .pipeline import DEMO_DATA, demo_config, score_baseline, train_and_score
 from .adaptation import adaptation_study
-from .baselines import BASELINES, BASELINE_GROUP, baseline_targets, fit_baseline
-from .reconstruction import make_reconstructor
+from .baselines import BASELINES, BASELINE_GROUP
 
 # %% ../nbs/13_experiments.ipynb #02df38ba
 def experiment_runs(cfg,              # the base config (the demo's)
@@ -93,15 +92,13 @@ def run_experiments(out,                    # results folder (the chapter reads 
         if seed == seeds[0]: fits[method] = (fit, e, lab)
     # the flattened-voxel baselines (chapter 11a): same subjects, voxels and targets z, scored by the same code;
     # an MLP per seed, the ridge once (its only random choice, the CV folds, uses the first seed)
-    if verbose: print('[experiments] baselines on flattened voxels', flush=True)
-    reader, emb, baseline_options = NSDReader(root), data.info['embedder'], baseline_options or {}
-    z, decoder = baseline_targets(reader, subjects, embedder=emb), make_reconstructor(emb)
-    for kind in BASELINES:
-        for seed in (seeds[:1] if kind == 'ridge' else seeds):
-            bl = fit_baseline(kind, reader, subjects, z, seed=seed, **baseline_options.get(kind, {}))
-            rows += [dict(group=BASELINE_GROUP, method=BASELINES[kind], seed=seed, subject=s, steps=bl.info['options'].get('steps', 0),
-                          train_seconds=bl.info['seconds'], params=bl.n_params,
-                          **score_tokens(bl.predict(s, bl.test_ids[s]), bl.test_ids[s], z, reader, decoder, s).metrics) for s in subjects]
+    baseline_options = baseline_options or {}
+    bl_jobs = [dict(kind=k, root=root, subjects=subjects, embedder=emb_dir, seed=seed, images=False, **baseline_options.get(k, {}))
+               for k in BASELINES for seed in (seeds[:1] if k == 'ridge' else seeds)]
+    if verbose: print(f'[experiments] {len(bl_jobs)} baseline fits on flattened voxels, {jobs} at a time', flush=True)
+    for b in map_jobs(score_baseline, bl_jobs, jobs, kwargs=True, desc='baselines'):
+        rows += [dict(group=BASELINE_GROUP, method=BASELINES[b.kind], seed=b.seed, subject=s, steps=b.steps, train_seconds=b.train_seconds,
+                      params=b.params, **sc.metrics) for s, sc in b.scores.items()]
     pd.DataFrame(rows).to_csv(out / 'table12.csv', index=False)
     pd.DataFrame(probes).to_csv(out / 'probe.csv', index=False)
     # Fig. 2: the same six test images from each subject; Fig. 3: t-SNE with and without L_subj

@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'QUICK_TRAIN', 'QUICK_BASELINES', 'SubjectScore', 'score_tokens', 'score_subject',
-           'demo_config', 'loss_curves', 'pretrained_store', 'test_embeddings', 'FitResult', 'train_and_score',
-           'PipelineResult', 'run_pipeline', 'evaluate_run', 'reconstruct_run']
+           'BaselineScore', 'score_baseline', 'score_baselines', 'demo_config', 'loss_curves', 'pretrained_store',
+           'test_embeddings', 'FitResult', 'train_and_score', 'PipelineResult', 'run_pipeline', 'evaluate_run',
+           'reconstruct_run']
 
 # %% ../nbs/11b_pipeline.ipynb #063e05bc
-import time
+import multiprocessing as mp, os, time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .utils import MindLinkError, load_json, save_json, savefig
+from .utils import MindLinkError, load_json, save_json, savefig, worker_threads
 from .data import NSDReader
 from .mininsd import make_mini_nsd
 from .patching import PatchStore
@@ -62,6 +64,37 @@ def score_subject(model, store, subject: int, image_ids, targets: dict, reader, 
     if len(ids) < 2: raise MindLinkError(f'score_subject: subject {subject} needs at least 2 test images, got {len(ids)}')
     pred = training.predict_tokens(model, store, subject=subject, image_ids=ids, batch_size=batch_size)  # b', (n, N_I, d)
     return score_tokens(pred, ids, targets, reader, decoder, subject)
+
+# %% ../nbs/11b_pipeline.ipynb #f6078d28
+@dataclass
+class BaselineScore:
+    "A flattened-voxel baseline (chapter 11a) fitted on some subjects and scored on each one's test images."
+    kind: str                   # 'ridge', 'mlp' or 'shared-mlp'
+    seed: int
+    params: int                 # parameters it holds
+    steps: int                  # optimizer steps (0: the closed-form ridge)
+    train_seconds: float        # fitting wall time
+    scores: dict                # subject -> SubjectScore
+
+def score_baseline(kind: str, root, subjects,
+                   embedder,                # the embedder of MindLink's targets z: a `RegionPCAEmbedder` or its folder
+                   seed: int = 0,
+                   images: bool = True,     # keep the predicted tokens and reconstructions in the scores (False: numbers only)
+                   **options) -> BaselineScore:   # the kind's options (`mindlink.baselines.baseline_options`)
+    "Fit baseline `kind` on `subjects` of `root` (`mindlink.baselines.fit_baseline`) and score each subject with `score_tokens`."
+    reader = NSDReader(root)
+    emb = embedder if isinstance(embedder, RegionPCAEmbedder) else RegionPCAEmbedder.load(embedder)
+    z, decoder = baseline_targets(reader, subjects, embedder=emb), make_reconstructor(emb)
+    bl = fit_baseline(kind, reader, subjects, z, seed=seed, **options)
+    scores = {s: score_tokens(bl.predict(s, bl.test_ids[s]), bl.test_ids[s], z, reader, decoder, s) for s in bl.subjects}
+    if not images:
+        for sc in scores.values(): sc.pred = sc.recon = None
+    return BaselineScore(kind, seed, bl.n_params, int(bl.info['options'].get('steps', 0)), bl.info['seconds'], scores)
+
+def score_baselines(jobs: list) -> list:
+    "`score_baseline(**job)` for each job, in turn: the second process `run_pipeline` runs beside MindLink's training."
+    return [score_baseline(**j) for j in jobs]
+
 
 # %% ../nbs/11b_pipeline.ipynb #99fb3d34
 DEMO_DATA = dict(n_shared=100, n_train=300)   # MiniNSD for the demo: 100 shared test images, 300 own images per subject
@@ -169,7 +202,7 @@ class PipelineResult:
     embeddings: dict = field(default_factory=dict)  # subject -> encoder embeddings b (n, N_I, d_model) of the test images
     files: dict = field(default_factory=dict)       # name -> path of each written file
     seconds: dict = field(default_factory=dict)     # stage -> wall seconds
-    baselines: dict = field(default_factory=dict)   # baseline kind -> subject -> SubjectScore (chapter 11a)
+    baselines: dict = field(default_factory=dict)   # baseline kind -> BaselineScore (chapter 11a)
 
 def run_pipeline(out,                     # results folder (created)
                  root=None,               # an NSD-layout data root; None: write MiniNSD to `out/data`
@@ -182,6 +215,7 @@ def run_pipeline(out,                     # results folder (created)
                  device=None,             # default: CPU for the tiny preset
                  baselines=tuple(BASELINES),  # flattened-voxel baselines fitted and scored beside MindLink (chapter 11a); () for none
                  baseline_options: dict | None = None,  # kind -> options of `fit_baseline` (default: the baselines' own)
+                 baseline_worker: bool | None = None,   # fit and score them in a second process while MindLink trains (default: with 2+ CPU cores)
                  ) -> PipelineResult:
     "Generate → patch → embed → train → predict → reconstruct → evaluate, writing a results folder."
     out, t = Path(out), {}
@@ -198,26 +232,37 @@ def run_pipeline(out,                     # results folder (created)
         root = make_mini_nsd(out / 'data', seed=seed, show_progress=verbose, **(DEMO_DATA if data_kw is None else data_kw))
     root = Path(root); reader = NSDReader(root)
     t['data'] = time.time() - t0; t0 = time.time()
-    _say(verbose, f'[2/6] training MindLink ({cfg.epochs} epochs, subjects {subjects}) -> {out / "run"}')
-    fit = train_and_score(cfg, root, out / 'run', subjects, verbose=verbose, device=device)
+    jobs = []
+    if baselines:   # MindLink's targets: the embedder its training fits and caches (then reuses), fitted here first to share it
+        emb = training.prepare_data(cfg, root, subjects).info['embedder']
+        jobs = [dict(kind=k, root=root, subjects=subjects, embedder=emb, seed=cfg.seed, **baseline_options.get(k, {})) for k in baselines]
+    in_worker = bool(jobs) and (baseline_worker if baseline_worker is not None else (os.cpu_count() or 1) > 1)
+    from mindlink import pipeline as lib     # the worker imports the function from the library by name
+    pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=torch.set_num_threads,
+                               initargs=(worker_threads(2),)) if in_worker else None
+    try:
+        pending = pool.submit(lib.score_baselines, jobs) if in_worker else None
+        _say(verbose, f'[2/6] training MindLink ({cfg.epochs} epochs, subjects {subjects}) -> {out / "run"}'
+                      + (f'; the baselines ({", ".join(baselines)}) meanwhile in a second process' if in_worker else ''))
+        fit = train_and_score(cfg, root, out / 'run', subjects, verbose=verbose, device=device)
+        t['train'] = fit.seconds; t['score'] = time.time() - t0 - fit.seconds; t0 = time.time()
+        _say(verbose, '[3/6] predicted, reconstructed and scored the test images of every subject')
+        if jobs: _say(verbose, f'[4/6] baselines on the same voxels, subjects and targets: {", ".join(baselines)}'
+                               + (' (waiting for the second process)' if in_worker else ''))
+        bl = {b.kind: b for b in (pending.result() if in_worker else score_baselines(jobs))}
+        t['baselines'] = time.time() - t0; t0 = time.time()     # beyond MindLink's training and scoring, when in a worker
+    finally:
+        if pool is not None: pool.shutdown(cancel_futures=True)
     model, scores, embeddings = fit.model, fit.scores, fit.embeddings
-    t['train'] = fit.seconds; t['score'] = time.time() - t0 - fit.seconds; t0 = time.time()
-    _say(verbose, '[3/6] predicted, reconstructed and scored the test images of every subject')
     reader, embedder = NSDReader(root), RegionPCAEmbedder.load(out / 'run' / 'embedder')
+    if jobs and embedder.identity != emb.identity:
+        raise MindLinkError(f'{out / "run" / "embedder"}: the run trained on other targets than the baselines were fitted on')
     decoder = make_reconstructor(embedder)
     test_ids = reader.split(subjects)[subjects[0]]['test']
     targets = _test_targets(root, reader, embedder, test_ids)
     oracle = decoder.reconstruct(stack_tokens(targets, test_ids))   # the decoder fed the true z: the ceiling
     stim = images_to_tensor(reader.stimuli(test_ids), size=oracle.shape[-1])
     t['evaluate'] = time.time() - t0; t0 = time.time()
-    bl_scores, bl_fits = {}, {}
-    if baselines:
-        _say(verbose, f'[4/6] baselines on the same voxels, subjects and targets: {", ".join(baselines)}')
-        z = baseline_targets(reader, subjects, embedder=embedder)          # MindLink's targets z, training and test images
-        for kind in baselines:
-            bl_fits[kind] = bl = fit_baseline(kind, reader, subjects, z, seed=cfg.seed, **baseline_options.get(kind, {}))
-            bl_scores[kind] = {s: score_tokens(bl.predict(s, bl.test_ids[s]), bl.test_ids[s], z, reader, decoder, s) for s in subjects}
-    t['baselines'] = time.time() - t0; t0 = time.time()
     keys = ('retrieval_top1', 'retrieval_image_to_brain', 'retrieval_chance', 'two_way_identification', 'PixCorr', 'SSIM')
     metrics = {k: float(np.mean([scores[s].metrics[k] for s in subjects])) for k in keys}
     metrics.update(n_test=len(test_ids), subjects=subjects, data_root=str(root), config=cfg.to_dict(),
@@ -226,13 +271,13 @@ def run_pipeline(out,                     # results folder (created)
                    oracle=dict(two_way_identification=two_way_identification(oracle, stim), PixCorr=pixcorr(oracle, stim),
                                note='the decoder fed the true image tokens z: the ceiling for the reconstructions'))
     n_params = sum(p.numel() for p in model.parameters())
-    metrics['baselines'] = {kind: {**{k: float(np.mean([sc[s].metrics[k] for s in subjects])) for k in keys},
-                                   'name': BASELINES[kind], 'params': bl_fits[kind].n_params, 'train_seconds': bl_fits[kind].info['seconds'],
-                                   'per_subject': {f'subj{s:02d}': sc[s].metrics for s in subjects}} for kind, sc in bl_scores.items()}
+    metrics['baselines'] = {k: {**{m: float(np.mean([b.scores[s].metrics[m] for s in subjects])) for m in keys},
+                                'name': BASELINES[k], 'params': b.params, 'steps': b.steps, 'train_seconds': b.train_seconds,
+                                'per_subject': {f'subj{s:02d}': b.scores[s].metrics for s in subjects}} for k, b in bl.items()}
     _say(verbose, f'[5/6] writing results to {out}')
     files = dict(metrics_json=out / 'metrics.json', run=out / 'run')
     methods = [('MindLink (one model)', 'single cross-subject model', n_params, scores)]
-    methods += [(BASELINES[k], BASELINE_GROUP, bl_fits[k].n_params, sc) for k, sc in bl_scores.items()]
+    methods += [(BASELINES[k], BASELINE_GROUP, b.params, b.scores) for k, b in bl.items()]
     rows = [dict(group=g, method=name, subject=f'subj{s:02d}', params=f'{n / 1e6:.2f}M', PixCorr=sc[s].metrics['PixCorr'],
                  SSIM=sc[s].metrics['SSIM']) for name, g, n, sc in methods for s in subjects]
     files['metrics_csv'], files['metrics_md'] = results_table(rows).save(out / 'metrics')
@@ -254,7 +299,7 @@ def run_pipeline(out,                     # results folder (created)
                   f'two-way identification {metrics["two_way_identification"]:.1%} (chance 50%); results in {out}')
     for kind, m in metrics['baselines'].items():
         _say(verbose, f'      {m["name"]}: retrieval top-1 {m["retrieval_top1"]:.1%}, two-way identification {m["two_way_identification"]:.1%}')
-    return PipelineResult(out, metrics, scores, model, cfg, embeddings, files, t, bl_scores)
+    return PipelineResult(out, metrics, scores, model, cfg, embeddings, files, t, bl)
 
 # %% ../nbs/11b_pipeline.ipynb #0372715c
 def evaluate_run(run,                 # a run folder written by `mindlink train`
