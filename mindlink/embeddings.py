@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastcore.basics import patch
 
-from .utils import MindLinkError, get_device, load_json, load_safetensors, progress, save_json, save_safetensors
+from .utils import MindLinkError, get_device, hf_progress, load_json, load_safetensors, progress, save_json, save_safetensors
 
 # %% ../nbs/07_embeddings.ipynb #6ee3156c
 def check_images(images, name: str = 'images') -> np.ndarray:
@@ -218,8 +218,9 @@ class IPAdapterPlusEmbedder:
     def dim(self) -> int: return self.resampler.proj_out.out_features
     @property
     def identity(self) -> str:
-        return f'{self.name}-n{self.n_tokens}-d{self.dim}-' + _digest(self.resampler.latents, self.resampler.proj_out.weight,
-                                                                      self.image_encoder.vision_model.post_layernorm.weight, self.image_encoder.config.to_json_string())
+        digest = _digest(self.resampler.latents, self.resampler.proj_out.weight,
+                         self.image_encoder.vision_model.post_layernorm.weight, self.image_encoder.config.to_json_string())
+        return f'{self.name}-n{self.n_tokens}-d{self.dim}-{digest}'
 
     @classmethod
     def from_pretrained(cls,
@@ -232,7 +233,8 @@ class IPAdapterPlusEmbedder:
         enc_sub = f'{subfolder}/{image_encoder_folder}' if subfolder else image_encoder_folder
         if not _is_hub_id(path) and not (Path(path) / enc_sub / 'config.json').exists():
             raise MindLinkError(f'{Path(path) / enc_sub}: CLIP image encoder folder not found. {_IP_HELP}')
-        try: enc = CLIPVisionModelWithProjection.from_pretrained(str(path), subfolder=enc_sub, local_files_only=local_files_only)
+        try:
+            with hf_progress(): enc = CLIPVisionModelWithProjection.from_pretrained(str(path), subfolder=enc_sub, local_files_only=local_files_only)
         except OSError as e: raise MindLinkError(f'CLIP image encoder {path}/{enc_sub} could not be loaded ({e}). {_IP_HELP}') from None
         return cls(enc, load_ip_adapter_resampler(weight_file), device, dtype, name=Path(weight_name).stem)
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .utils import MindLinkError, get_device, progress, savefig
+from .utils import MindLinkError, get_device, hf_progress, hf_quiet, progress, savefig
 from .embeddings import IPAdapterPlusEmbedder, RegionPCAEmbedder, images_to_tensor, resolve_ip_adapter_file
 
 # %% ../nbs/10_reconstruction.ipynb #7134214e
@@ -116,8 +116,9 @@ def build_tiny_sd_ip_adapter(path, seed: int = 0) -> dict:
     from mindlink.utils import save_safetensors
     path = Path(path)
     pipe, vision, ip_sd = build_sd_ip_adapter_pipeline('tiny', seed, tokenizer_dir=path / 'tokenizer_src')
-    pipe.save_pretrained(path / 'sd')
-    vision.save_pretrained(path / 'ip_adapter' / 'models' / 'image_encoder')
+    with hf_progress():   # transformers' "Writing model shards" bar only on a terminal
+        pipe.save_pretrained(path / 'sd')
+        vision.save_pretrained(path / 'ip_adapter' / 'models' / 'image_encoder')
     save_safetensors(ip_sd, path / 'ip_adapter' / 'models' / 'ip-adapter-plus_sd15.safetensors')
     return {'sd': path / 'sd', 'ip_adapter': path / 'ip_adapter'}
 
@@ -160,9 +161,11 @@ class SDReconstructor:
             emb = IPAdapterPlusEmbedder.from_pretrained(ip_adapter_path, subfolder, weight_name, device=device, dtype=dtype, local_files_only=local_files_only)
             negative_tokens = emb.negative_tokens(); del emb
             if device.type == 'cuda': torch.cuda.empty_cache()
-        try: pipe = StableDiffusionPipeline.from_pretrained(str(sd_path), safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=local_files_only)
+        try:
+            with hf_progress(): pipe = StableDiffusionPipeline.from_pretrained(str(sd_path), safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=local_files_only)
         except OSError as e: raise MindLinkError(f'Stable Diffusion {sd_path} could not be loaded ({e}). {_SD_HELP}') from None
-        pipe.load_ip_adapter(str(ip_adapter_path), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None, local_files_only=local_files_only)
+        with hf_quiet():   # diffusers warns that no image encoder is loaded: we never give it images
+            pipe.load_ip_adapter(str(ip_adapter_path), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None, local_files_only=local_files_only)
         return cls(pipe, negative_tokens, device, dtype)
 
     def _check(self, tokens):
@@ -258,9 +261,10 @@ def bench_reconstruct(config: str | None = None,   # 'sd15' (real SD 1.5 shapes,
     if config not in _CONFIGS: raise MindLinkError(f"config={config!r}: expected one of {list(_CONFIGS)}")
     size = size or _CONFIGS[config]['size']
     pipe, _, ip_sd = build_sd_ip_adapter_pipeline(config, dtype=torch.float32, image_encoder=False)
-    pipe.load_ip_adapter({'image_proj': {k[11:]: v for k, v in ip_sd.items() if k.startswith('image_proj.')},
-                          'ip_adapter': {k[11:]: v for k, v in ip_sd.items() if k.startswith('ip_adapter.')}},
-                         subfolder='', weight_name='', image_encoder_folder=None)
+    with hf_quiet():   # no image encoder: the benchmark feeds tokens
+        pipe.load_ip_adapter({'image_proj': {k[11:]: v for k, v in ip_sd.items() if k.startswith('image_proj.')},
+                              'ip_adapter': {k[11:]: v for k, v in ip_sd.items() if k.startswith('ip_adapter.')}},
+                             subfolder='', weight_name='', image_encoder_folder=None)
     n_tok, dim = 16, pipe.unet.config.cross_attention_dim
     rec = SDReconstructor(pipe, torch.zeros(1, n_tok, dim), device, dtype)
     res = dict(config=config, device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',

@@ -30,3 +30,7 @@ def tiny(tmp_path_factory):
     "A tiny random SD 1.5 + IP-Adapter Plus written in the real on-disk layout (mindlink.reconstruction)."
     from mindlink.reconstruction import build_tiny_sd_ip_adapter
     return build_tiny_sd_ip_adapter(tmp_path_factory.mktemp('tiny_weights'))
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; run by `mindlink bench gpu` (pytest -m cuda), skipped elsewhere')

@@ -142,3 +142,18 @@ def test_bench_train_tiny():
     r = bench_train('tiny', batch_size=4, n_patches=16, steps=2, warmup=1)
     assert r['samples_per_s'] > 0 and r['achieved_tflops'] > 0 and r['mfu'] is None and r['peak_mem_gb'] > 0
     with pytest.raises(MindLinkError, match='preset'): bench_train('huge')
+
+
+def test_bench_step_halves_the_micro_batch_on_out_of_memory(monkeypatch):
+    "`mindlink bench gpu` fits the paper step by halving the micro-batch on OOM (simulated here: no GPU needed)."
+    import mindlink.training as T
+    tried = []
+    def fake_bench_train(preset, batch_size, grad_accum, **kw):
+        tried.append(batch_size // grad_accum)
+        if batch_size // grad_accum > 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return dict(micro_batch=batch_size // grad_accum, grad_accum=grad_accum)
+    monkeypatch.setattr(T, 'bench_train', fake_bench_train)
+    r = T._fit_step('tiny', 16, 27, False, 'cpu', 1, 1)
+    assert tried == [16, 8, 4, 2] and r == dict(micro_batch=2, grad_accum=8, out_of_memory_at=[16, 8, 4])
+    monkeypatch.setattr(T, 'bench_train', lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError('always')))
+    with pytest.raises(MindLinkError, match='out of memory even at micro-batch 1'): T._fit_step('tiny', 4, 27, False, 'cpu', 1, 1)
