@@ -130,7 +130,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
     if verbose: print(f'[experiments] done in {meta["seconds"]:.0f} s; results in {out}')
     return meta
 
-# %% ../nbs/13_experiments.ipynb #f95adff0
+# %% ../nbs/13_experiments.ipynb #83013cf8
 # name -> overrides of the demo's config (the tiny preset); True marks the arms run with every seed
 LEARNING_ARMS = {
     'MindLink (tiny preset)': ({}, True),

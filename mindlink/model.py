@@ -104,7 +104,7 @@ class MindLinkConfig:
     def tiny(cls, **kw):
         "A small model for MiniNSD on a CPU: patch 4 (P=64), a patch embedding per grid cell, width 64, 2 + 1 layers, 16 tokens of 64; 30 epochs (1 warm-up), about 2 min on 2 cores."
         return cls(patch=4, patch_dim=64, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
-                   token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, patch_embed='per_position', lr=1e-3, batch_size=64,
+                   token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, patch_embed='per_position', lr=3e-3, batch_size=64,
                    epochs=30, warmup_epochs=1, mixed_precision='no', num_workers=0, ckpt_every=10, eval_every=5,
                    log_every=10).replace(**kw)
 

@@ -940,7 +940,7 @@ def gpu_report(res: dict):
 
 bench_gpu.report = gpu_report  # what `mindlink bench gpu` prints
 
-# %% ../nbs/09_training.ipynb #c970f6e7
+# %% ../nbs/09_training.ipynb #b05a23a6
 def _curve_run(cfg: dict, root: str, run_dir: str, subjects: list, resume: bool) -> dict:
     "One arm of `learning_curves`: train, then return its validation curve and cost (a worker's job)."
     run_dir = Path(run_dir)
@@ -994,7 +994,7 @@ def plot_learning_curves(curves, arms=None, ax=None, chance: float | None = 0.01
     ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/09_training.ipynb #e94f46d0
+# %% ../nbs/09_training.ipynb #821c3ab9
 @torch.no_grad()
 def _embeddings(model, data: TrainData, batch_size: int = 256):
     "Encoder embeddings b and subject indices of the training set and of the held-out sets (labels by `data.subjects`)."
