@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['EMBEDDERS', 'check_images', 'images_to_tensor', 'photo_crops', 'RegionPCAEmbedder', 'region_pca_size',
-           'resolve_ip_adapter_file', 'load_ip_adapter_resampler', 'IPAdapterPlusEmbedder', 'embed_stimuli',
-           'stack_tokens', 'embedder_record', 'load_embedder', 'embedder_kind', 'describe_embedder', 'parse_embedder']
+           'ip_adapter_subfolder', 'resolve_ip_adapter_file', 'load_ip_adapter_resampler', 'IPAdapterPlusEmbedder',
+           'embed_stimuli', 'stack_tokens', 'embedder_record', 'load_embedder', 'embedder_kind', 'describe_embedder',
+           'parse_embedder']
 
 # %% ../nbs/07_embeddings.ipynb #34ca794b
 import hashlib, json, time
@@ -192,6 +193,10 @@ def _is_hub_id(path) -> bool:
     s = str(path)
     return s.count('/') == 1 and not s.startswith(('.', '/', '~')) and not Path(s).exists()
 
+def ip_adapter_subfolder(path, weight_name: str = 'ip-adapter-plus_sd15.safetensors') -> str:
+    "'' when `path` is a local folder that holds `weight_name` itself (a models/ folder), else 'models' (the h94/IP-Adapter layout)."
+    return '' if not _is_hub_id(path) and (Path(path) / weight_name).exists() else 'models'
+
 def resolve_ip_adapter_file(path, subfolder: str = 'models', weight_name: str = 'ip-adapter-plus_sd15.safetensors', local_files_only: bool | None = None) -> Path:
     "Path of the IP-Adapter weight file in a local folder or a hub id; a clear `MindLinkError` when missing."
     if _is_hub_id(path):
@@ -258,7 +263,7 @@ class IPAdapterPlusEmbedder:
                         image_encoder_folder: str = 'image_encoder', device=None, dtype=None, local_files_only: bool | None = None):
         "Load the CLIP vision tower and the resampler from `path` (an `h94/IP-Adapter`-style folder or hub id)."
         from transformers import CLIPVisionModelWithProjection
-        if subfolder is None: subfolder = '' if not _is_hub_id(path) and (Path(path) / weight_name).exists() else 'models'
+        if subfolder is None: subfolder = ip_adapter_subfolder(path, weight_name)
         weight_file = resolve_ip_adapter_file(path, subfolder, weight_name, local_files_only)
         enc_sub = f'{subfolder}/{image_encoder_folder}' if subfolder else image_encoder_folder
         if not _is_hub_id(path) and not (Path(path) / enc_sub / 'config.json').exists():
