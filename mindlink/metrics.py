@@ -6,7 +6,7 @@
 __all__ = ['METRICS', 'HIGHER_IS_BETTER', 'NETS', 'METRIC_NET', 'pixcorr', 'ssim', 'two_way_identification', 'mean_corr_distance',
            'NetSpec', 'find_weights', 'MetricNet', 'load_metric_net', 'alexnet_metric', 'inception_metric',
            'clip_metric', 'effnet_metric', 'swav_metric', 'evaluate_images', 'retrieval_top1', 'subject_probe_accuracy',
-           'plot_tsne', 'ResultsTable', 'results_table', 'bench_metrics']
+           'plot_tsne', 'ResultsTable', 'results_table', 'write_random_metric_weights', 'bench_metrics']
 
 # %% ../nbs/11_metrics.ipynb #8f20e0b2
 import os, time
@@ -461,6 +461,29 @@ def results_table(rows,             # dicts with 'method' (+ optional 'group', '
     table = ResultsTable(df, '\n'.join(lines))
     if path is not None: table.save(path)
     return table
+
+# %% ../nbs/11_metrics.ipynb #46290e37
+def write_random_metric_weights(root, seed: int = 0,
+                                clip_layers: int = 1,     # CLIP ViT-L/14 depth (24 in the real one)
+                                dtype=torch.float16) -> Path:
+    "Write the five metric networks' weight files, real architectures with random weights, in the layout `find_weights` reads."
+    import torchvision.models as tvm
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    half = lambda m: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+    def save(sd, name):
+        with atomic_write(root / name) as f: torch.save(sd, f)
+    save(half(tvm.alexnet(weights=None)), NETS['alexnet'].file)
+    save(half(tvm.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)), NETS['inception'].file)
+    save(half(tvm.efficientnet_b1(weights=None)), NETS['effnet'].file)
+    swav = {f'module.{k}': v for k, v in half(tvm.resnet50(weights=None)).items() if not k.startswith('fc.')}
+    swav.update({'module.projection_head.0.weight': torch.zeros(8, 2048, dtype=dtype), 'module.prototypes.weight': torch.zeros(16, 8, dtype=dtype)})
+    save({'epoch': 800, 'state_dict': swav}, NETS['swav'].file)   # SwAV's own checkpoint layout
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=clip_layers,
+                                                   num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
+                                  ).save_pretrained(root / NETS['clip'].file)
+    return root
 
 # %% ../nbs/11_metrics.ipynb #0c845bd7
 class _Clock:
