@@ -31,7 +31,7 @@ from .embeddings import (IPAdapterPlusEmbedder, RegionPCAEmbedder, describe_embe
                                  embedder_record, load_embedder, parse_embedder, region_pca_size)
 from .grl import dann_coeff
 from .metrics import retrieval_top1
-from .model import MindLink, MindLinkConfig, bench_matmul, model_flops, peak_bf16_flops
+from .model import MindLink, MindLinkConfig, bench_matmul, model_flops, param_groups, peak_bf16_flops
 from .patching import PatchDataset, PatchLayout, PatchStore
 
 # %% ../nbs/09_training.ipynb #51cc43ab
@@ -229,12 +229,8 @@ class Schedule:
         return float(dann_coeff(min(max(p, 0.0), 1.0), self.gamma))
 
 def make_optimizer(model: nn.Module, cfg, total_steps: int):
-    "AdamW with weight decay on matrices only, and the one-cycle schedule peaking at `cfg.lr`."
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
-                             {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=cfg.lr, betas=tuple(cfg.betas))
+    "AdamW over `param_groups(model, cfg.weight_decay)` (chapter 8's one decay rule), and the one-cycle schedule peaking at `cfg.lr`."
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     # one cycle: cosine rise from lr/25 to lr over pct_start of the steps, cosine decay to lr/(25·1e4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start)
     return opt, sched

@@ -1,4 +1,4 @@
-"Shared pytest fixtures: a small MiniNSD and the full-scale rehearsal's inputs, each made once per test session."
+"Shared pytest fixtures: a small MiniNSD (mindlink.mininsd) and the full-scale rehearsal's inputs, each made once per test session."
 import os
 
 import pytest
@@ -12,8 +12,8 @@ def mini_nsd_root(tmp_path_factory):
     """A SMALL MiniNSD in NSD's layout (about 2 s to make): 5 subjects (1-4 train, 5 held out),
     12 shared test images + 36 unique training images per subject, 3 repetitions,
     48 trials per session (3 sessions), volumes 20x24x20, ROI ~400-700 voxels, stimuli 32x32x3.
-    Read it with `mindlink.data.NSDReader(mini_nsd_root)`. The knobs are `mindlink.data.TINY_MINI_NSD`."""
-    from mindlink.data import TINY_MINI_NSD, make_mini_nsd
+    Read it with `mindlink.data.NSDReader(mini_nsd_root)`. The knobs are `mindlink.mininsd.TINY_MINI_NSD`."""
+    from mindlink.mininsd import TINY_MINI_NSD, make_mini_nsd
     return make_mini_nsd(tmp_path_factory.mktemp('mini_nsd'), seed=0, show_progress=False, **TINY_MINI_NSD)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mindlink.cli import main
-from mindlink.data import TINY_MINI_NSD, make_mini_nsd
+from mindlink.mininsd import TINY_MINI_NSD, make_mini_nsd
 
 TINY = ['--preset', 'tiny', '--set', 'epochs=2', '--set', 'warmup_epochs=1', '--set', 'batch_size=16',
         '--set', 'eval_every=1', '--set', 'ckpt_every=1']

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mindlink.data import NSDReader, make_mini_nsd
+from mindlink.data import NSDReader
+from mindlink.mininsd import make_mini_nsd
 from mindlink.patching import PatchDataset, PatchLayout, PatchStore, make_loader, patchify, unpatchify
 from mindlink.utils import MindLinkError, load_json
 
