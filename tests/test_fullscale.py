@@ -88,6 +88,7 @@ def test_train_two_processes(run, fullscale, tmp_path):
                         '--embedder', f"ip-adapter-plus:{fullscale['ip_adapter']}", *PAPER, *SUBJECTS],
                        capture_output=True, text=True, timeout=600, env={**os.environ, 'MINDLINK_NO_PROGRESS': '1', 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert 'memory: micro-batch 4 x 1 accumulation step(s) x 2 process(es) = batch 8 (on the CPU)' in r.stdout   # said once, at the start
     state = load_json(out / 'checkpoints' / (out / 'checkpoints' / 'latest').read_text() / 'trainer_state.json')
     assert state['world_size'] == 2 and state['micro_batch'] == 4 and state['step'] == 6
     digests = state['weights_sha1_per_rank']

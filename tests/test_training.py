@@ -140,3 +140,33 @@ def test_bench_train_tiny():
     r = bench_train('tiny', batch_size=4, n_patches=16, steps=2, warmup=1)
     assert r['samples_per_s'] > 0 and r['achieved_tflops'] > 0 and r['mfu'] is None and r['peak_mem_gb'] > 0
     with pytest.raises(MindLinkError, match='preset'): bench_train('huge')
+
+
+def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
+    "The trainer's cut of a step on a GPU, with the free memory mocked: the micro-batch follows the memory, accumulation keeps B."
+    from types import SimpleNamespace
+    from mindlink import training
+    from mindlink.model import MindLink
+    cfg = MindLinkConfig.tiny(batch_size=64)
+    data = training.prepare_data(cfg, mini_nsd_root)
+    mib = 2**20
+    est = {False: dict(per_sample=10 * mib, fixed=0), True: dict(per_sample=2 * mib, fixed=0)}
+    monkeypatch.setattr(training, 'activation_estimate', lambda c, L, dtype=None: est[c.grad_checkpointing])
+    trainer = SimpleNamespace(cfg=cfg, data=data, module=MindLink(cfg), precision='bf16', device=torch.device('cuda', 0),
+                              acc=SimpleNamespace(num_processes=1))
+    def plan(free, micro_batch=None, preload=False):
+        monkeypatch.setattr(training, 'device_free_bytes', lambda d: free)
+        p = training.Trainer._plan_memory(trainer, micro_batch, preload)
+        assert p.micro_batch * p.accum == 64
+        return p.micro_batch, p.accum, p.grad_checkpointing
+    states = 16 * sum(p.numel() for p in trainer.module.parameters())          # fp32 weights, gradients, AdamW moments
+    free = lambda room: int((states + room) / 0.85)                           # free memory that leaves `room` for activations
+    assert plan(2**30) == (64, 1, False)
+    assert plan(free(170 * mib)) == (16, 4, False)                          # 170 MiB / 10 MiB per sample: 17, so 16
+    assert plan(free(9 * mib)) == (4, 16, True)                             # not one sample without recomputation: checkpointing
+    assert plan(2**30, micro_batch=8) == (8, 8, False)           # --micro-batch wins
+    nbytes = len(data.train) * sum(torch.as_tensor(v).numel() * torch.as_tensor(v).element_size() for v in data.train[0].values())
+    room = 160 * mib + nbytes // 2                                            # 16 samples fit, not 16 and the training set
+    assert (plan(free(room))[0], plan(free(room), preload=True)[0], plan(free(room + nbytes), preload=True)[0]) == (16, 8, 16)
+    with pytest.raises(MindLinkError, match='does not fit on this device'): plan(free(mib))
+    with pytest.raises(MindLinkError, match='expected a divisor of the batch per process'): plan(2**30, micro_batch=48)
