@@ -107,6 +107,8 @@ def pretrained_store(root, cfg, run=None) -> PatchStore:
     "The patch store `mindlink.training.train` built for a run with config `cfg` on the data `root` (the one run folder `run` records, if given)."
     rec = training.run_record(run) if run is not None else {}
     path = Path(root) / 'mindlink_cache' / (Path(rec['store']).name if rec.get('store') else f'patches_p{cfg.patch}')
+    if not (path / 'store.json').exists() and rec.get('store') and (Path(rec['store']) / 'store.json').exists():
+        path = Path(rec['store'])   # a run trained with its cache somewhere else (`cache_dir`)
     if not (path / 'store.json').exists():
         raise MindLinkError(f'{path}: no patch store for patch={cfg.patch}; train the pretrained model on {root} first '
                             f'(mindlink train --data {root} ...)')
