@@ -7,7 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 MATHJAX_VERSION := 3.2.2
-export MINDLINK_NO_PROGRESS ?= 1
+# Progress bars draw themselves only on a terminal (`make demo` in a shell), never in CI logs or the book; see
+# mindlink.utils.progress_on. MINDLINK_NO_PROGRESS=1 turns them off everywhere.
 # One BLAS/OpenMP thread per process: on 2 cores, two threads per kernel next to another kernel thrash (10x slower).
 export OMP_NUM_THREADS ?= 1
 export PYTHONHASHSEED := 0

@@ -7,10 +7,10 @@ __all__ = ['COMMANDS', 'make_config', 'cmd_data', 'cmd_train', 'cmd_evaluate', '
            'cmd_bench', 'cmd_experiments', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #63383a4c
-import argparse, json, os, sys, time
+import argparse, inspect, json, os, sys, time
 from pathlib import Path
 
-from .utils import BENCH_MODULES, MindLinkError, bench_table, load_json, run_bench, save_json
+from .utils import BENCH_MODULES, MindLinkError, bench_functions, bench_table, load_json, run_bench, save_json
 
 # %% ../nbs/14_cli.ipynb #d9970a1b
 def _kv(s: str):
@@ -133,19 +133,29 @@ def cmd_demo(a):
     cfg = demo_config(**dict(a.set))
     data_kw = dict(TINY_MINI_NSD) if a.quick else None
     if a.quick: cfg = cfg.replace(**QUICK_TRAIN)
-    print(f'mindlink demo: MiniNSD -> patches -> embeddings -> training -> reconstruction -> metrics, results in {out.resolve()}')
+    print(f'mindlink demo: MiniNSD -> patches -> embeddings -> training -> reconstruction -> metrics, results in {out}')
     res = run_pipeline(out, cfg=cfg, data_kw=data_kw, verbose=True)
-    print(f'done in {time.time() - t0:.0f} s. Results: {out.resolve()}')
+    print(f'done in {time.time() - t0:.0f} s. Results: {out}')
     for k, v in res.files.items(): print(f'  {k:22s} {v}')
 
 # %% ../nbs/14_cli.ipynb #d18cc8c3
 def cmd_bench(a):
     "`mindlink bench AREA`: `mindlink.utils.run_bench`, printed as a table."
-    res = run_bench(a.area, a.only, a.set)
+    fs = bench_functions(a.area)
+    fs = {a.only: fs[a.only]} if a.only in fs else fs
+    opts = list(a.set) + [('smoke', True)] * a.smoke
+    # a benchmark that saves as it goes (`out`) writes the --json file itself, section by section
+    own_file = a.json is not None and len(fs) == 1 and 'out' in inspect.signature(next(iter(fs.values()))).parameters
+    res = run_bench(a.area, a.only, opts + [('out', str(a.json))] * own_file)
     import pandas as pd
     with pd.option_context('display.width', 200, 'display.max_columns', 50):
-        print(bench_table(res).T.to_string(header=False) if len(res) == 1 and 'rows' not in next(iter(res.values())) else bench_table(res).to_string(index=False))
-    if a.json: save_json(res, a.json); print(f'results written to {a.json}')
+        for name, r in res.items():  # a benchmark with a report of its own (`bench_gpu.report`) prints that
+            if hasattr(fs.get(name), 'report'): print(fs[name].report(r).to_string(index=False))
+        plain = {n: r for n, r in res.items() if not hasattr(fs.get(n), 'report')}
+        if plain: print(bench_table(plain).T.to_string(header=False) if len(plain) == 1 and 'rows' not in next(iter(plain.values())) else bench_table(plain).to_string(index=False))
+    if a.json:
+        if not own_file: save_json(res, a.json)
+        print(f'results written to {a.json}')
 
 # %% ../nbs/14_cli.ipynb #e70bfaa7
 def cmd_experiments(a):
@@ -249,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('area', choices=list(BENCH_MODULES))
     b.add_argument('--only', help='run only this bench_* function')
     b.add_argument('--json', type=Path, help='also write the results here')
+    b.add_argument('--smoke', action='store_true', help='`bench gpu`: the same code at tiny sizes, on any machine (what CI runs)')
     _add_set(b, 'an argument of the bench functions (e.g. preset=paper)')
 
     dm = sub.add_parser('demo', help='the whole pipeline on MiniNSD, on a CPU, offline')

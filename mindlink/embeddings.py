@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastcore.basics import patch
 
-from .utils import MindLinkError, get_device, load_json, load_safetensors, progress, save_json, save_safetensors
+from .utils import MindLinkError, get_device, hf_progress, load_json, load_safetensors, progress, save_json, save_safetensors
 
 # %% ../nbs/07_embeddings.ipynb #6ee3156c
 def check_images(images, name: str = 'images') -> np.ndarray:
@@ -269,7 +269,8 @@ class IPAdapterPlusEmbedder:
         if not _is_hub_id(path) and not (Path(path) / enc_sub / 'config.json').exists():
             raise MindLinkError(f'{Path(path) / enc_sub}: CLIP image encoder folder not found (expected config.json and '
                                 f'model.safetensors of a CLIPVisionModelWithProjection next to {weight_file.name}). {_IP_HELP}')
-        try: enc = CLIPVisionModelWithProjection.from_pretrained(str(path), subfolder=enc_sub, local_files_only=local_files_only)
+        try:
+            with hf_progress(): enc = CLIPVisionModelWithProjection.from_pretrained(str(path), subfolder=enc_sub, local_files_only=local_files_only)
         except OSError as e: raise MindLinkError(f'CLIP image encoder {path}/{enc_sub} could not be loaded ({e}). {_IP_HELP}') from None
         resampler = load_ip_adapter_resampler(weight_file)
         width = resampler.proj_in.in_features

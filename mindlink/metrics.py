@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .utils import MindLinkError, atomic_write, get_device, progress, savefig
+from .utils import MindLinkError, atomic_write, get_device, hf_progress, progress, savefig
 
 # %% ../nbs/11_metrics.ipynb #3dad7d75
 METRICS = ('PixCorr', 'SSIM', 'AlexNet(2)', 'AlexNet(5)', 'Inception', 'CLIP', 'EffNet-B', 'SwAV')
@@ -222,7 +222,8 @@ def _build(net: str, path: Path | None) -> torch.nn.Module:
         if path is None:   # ViT-L/14's architecture, random weights
             return CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                                   num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768))
-        try: return CLIPVisionModelWithProjection.from_pretrained(str(path))
+        try:
+            with hf_progress(): return CLIPVisionModelWithProjection.from_pretrained(str(path))
         except (OSError, ValueError, RuntimeError) as e: raise MindLinkError(f'{path}: cannot load {title} with CLIPVisionModelWithProjection ({e})') from None
     if net == 'alexnet': m = tvm.alexnet(weights=None)
     elif net == 'inception': m = tvm.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .utils import MindLinkError, get_device, progress, savefig
+from .utils import MindLinkError, get_device, hf_progress, hf_quiet, progress, savefig
 from .embeddings import IPAdapterPlusEmbedder, RegionPCAEmbedder, images_to_tensor, resolve_ip_adapter_file
 
 # %% ../nbs/10_reconstruction.ipynb #7134214e
@@ -134,8 +134,9 @@ def build_sd_ip_adapter(path,
     path = Path(path)
     ip_dtype = ip_dtype or (torch.float32 if config == 'tiny' else torch.float16)
     pipe, vision, ip_sd = build_sd_ip_adapter_pipeline(config, seed, tokenizer_dir=path / 'tokenizer_src')
-    pipe.save_pretrained(path / 'sd')
-    vision.to(ip_dtype).save_pretrained(path / 'ip_adapter' / 'models' / 'image_encoder')
+    with hf_progress():   # transformers' "Writing model shards" bar only on a terminal
+        pipe.save_pretrained(path / 'sd')
+        vision.to(ip_dtype).save_pretrained(path / 'ip_adapter' / 'models' / 'image_encoder')
     save_safetensors({k: v.to(ip_dtype) for k, v in ip_sd.items()}, path / 'ip_adapter' / 'models' / 'ip-adapter-plus_sd15.safetensors')
     return {'sd': path / 'sd', 'ip_adapter': path / 'ip_adapter'}
 
@@ -184,13 +185,16 @@ class SDReconstructor:
             emb = IPAdapterPlusEmbedder.from_pretrained(ip_adapter_path, subfolder, weight_name, device=device, dtype=dtype, local_files_only=local_files_only)
             negative_tokens = emb.negative_tokens(); del emb
             if device.type == 'cuda': torch.cuda.empty_cache()
-        try: pipe = StableDiffusionPipeline.from_pretrained(str(sd_path), safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=local_files_only)
+        try:
+            with hf_progress(): pipe = StableDiffusionPipeline.from_pretrained(str(sd_path), safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=local_files_only)
         except OSError as e: raise MindLinkError(f'Stable Diffusion {sd_path} could not be loaded ({e}). {_SD_HELP}') from None
         width = pipe.unet.config.cross_attention_dim
         if negative_tokens.shape[-1] != width:
             raise MindLinkError(f'{weight_file}: IP-Adapter tokens of width {negative_tokens.shape[-1]}, but the UNet of {sd_path} '
                                 f'attends to width {width} (expected an IP-Adapter Plus for SD 1.5: tokens of {negative_tokens.shape[-2]} x {width})')
-        try: pipe.load_ip_adapter(str(ip_adapter_path), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None, local_files_only=local_files_only)
+        try:
+            with hf_quiet():   # diffusers warns that no image encoder is loaded: we never give it images
+                pipe.load_ip_adapter(str(ip_adapter_path), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None, local_files_only=local_files_only)
         except (RuntimeError, ValueError, KeyError) as e:
             raise MindLinkError(f'{weight_file}: does not fit the UNet of {sd_path} (cross-attention width {width}; expected IP-Adapter Plus '
                                 f'weights for SD 1.5): {type(e).__name__}: {str(e)[:300]}') from None
@@ -307,9 +311,10 @@ def bench_reconstruct(config: str | None = None,   # 'sd15' (real SD 1.5 shapes,
     if config not in _CONFIGS: raise MindLinkError(f"config={config!r}: expected one of {list(_CONFIGS)}")
     size = size or _CONFIGS[config]['size']
     pipe, _, ip_sd = build_sd_ip_adapter_pipeline(config, dtype=torch.float32, image_encoder=False)
-    pipe.load_ip_adapter({'image_proj': {k[11:]: v for k, v in ip_sd.items() if k.startswith('image_proj.')},
-                          'ip_adapter': {k[11:]: v for k, v in ip_sd.items() if k.startswith('ip_adapter.')}},
-                         subfolder='', weight_name='', image_encoder_folder=None)
+    with hf_quiet():   # no image encoder: the benchmark feeds tokens
+        pipe.load_ip_adapter({'image_proj': {k[11:]: v for k, v in ip_sd.items() if k.startswith('image_proj.')},
+                              'ip_adapter': {k[11:]: v for k, v in ip_sd.items() if k.startswith('ip_adapter.')}},
+                             subfolder='', weight_name='', image_encoder_folder=None)
     n_tok, dim = 16, pipe.unet.config.cross_attention_dim
     rec = SDReconstructor(pipe, torch.zeros(1, n_tok, dim), device, dtype)
     res = dict(config=config, device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',

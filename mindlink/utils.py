@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['BENCH_MODULES', 'MindLinkError', 'get_device', 'seed_everything', 'atomic_write', 'save_json', 'load_json',
-           'save_safetensors', 'load_safetensors', 'savefig', 'progress', 'worker_threads', 'map_jobs',
-           'bench_functions', 'run_bench', 'bench_table']
+           'save_safetensors', 'load_safetensors', 'savefig', 'progress_on', 'progress', 'hf_progress', 'hf_quiet',
+           'worker_threads', 'map_jobs', 'bench_functions', 'run_bench', 'bench_table']
 
 # %% ../nbs/90_utils.ipynb #294e5eb1
-import importlib, inspect, json, os, random, tempfile
+import importlib, inspect, json, os, random, sys, tempfile, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning, tqdm
 
 # %% ../nbs/90_utils.ipynb #8418ea1e
 class MindLinkError(ValueError):
@@ -99,12 +99,43 @@ def savefig(fig, path, dpi=120):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches='tight'); return path
 
+def progress_on(file=None) -> bool:
+    "Whether bars are drawn: never with `MINDLINK_NO_PROGRESS=1`, always with `=0`, else when `file` (stderr) is a terminal."
+    env = os.environ.get('MINDLINK_NO_PROGRESS', '')
+    if env in ('0', '1'): return env == '0'
+    f = sys.stderr if file is None else file
+    return bool(getattr(f, 'isatty', lambda: False)())
+
 def progress(iterable=None, **kwargs):
-    "A tqdm progress bar, silenced when the environment sets `MINDLINK_NO_PROGRESS=1` (whatever the caller asked)."
-    if os.environ.get('MINDLINK_NO_PROGRESS', '0') == '1': kwargs['disable'] = True
-    kwargs.setdefault('disable', False)
+    "A tqdm bar, drawn only where someone watches it (`progress_on`): on a terminal, not in CI logs, notebooks or the book."
+    if kwargs.get('disable') is not True: kwargs['disable'] = not progress_on(kwargs.get('file'))
     kwargs.setdefault('dynamic_ncols', True)
     return tqdm(iterable, **kwargs)
+
+# %% ../nbs/90_utils.ipynb #c4f2a9e1
+with warnings.catch_warnings():   # the first import of tqdm.auto is the one that warns; later ones reuse the module
+    warnings.simplefilter('ignore', TqdmWarning)
+    importlib.import_module('tqdm.auto')
+
+@contextmanager
+def hf_progress():
+    "Inside the block, transformers' and diffusers' own progress bars follow `progress_on()`; as they were after it."
+    libs = [sys.modules[m] for m in ('transformers.utils.logging', 'diffusers.utils.logging') if m in sys.modules]
+    was = [lib.is_progress_bar_enabled() for lib in libs]
+    for lib in libs: (lib.enable_progress_bar if progress_on() else lib.disable_progress_bar)()
+    try: yield
+    finally:
+        for lib, on in zip(libs, was): (lib.enable_progress_bar if on else lib.disable_progress_bar)()
+
+@contextmanager
+def hf_quiet():
+    "Inside the block, transformers' and diffusers' loggers report errors only: for a call whose warnings cannot apply."
+    libs = [sys.modules[m] for m in ('transformers.utils.logging', 'diffusers.utils.logging') if m in sys.modules]
+    was = [lib.get_verbosity() for lib in libs]
+    for lib in libs: lib.set_verbosity_error()
+    try: yield
+    finally:
+        for lib, level in zip(libs, was): lib.set_verbosity(level)
 
 # %% ../nbs/90_utils.ipynb #958097b5
 def worker_threads(jobs: int) -> int:
@@ -141,16 +172,21 @@ def map_jobs(fn,               # a function defined in a module (workers import 
 
 
 # %% ../nbs/90_utils.ipynb #d18cc8c3
-# area -> the modules whose `bench_*` functions it runs
+# area -> what it runs: a module (its `bench_*` functions) or 'module:function' (that one alone, left out of its module's area)
 BENCH_MODULES = {'data': ('mindlink.data', 'mindlink.mininsd'), 'patching': ('mindlink.patching',), 'model': ('mindlink.model',),
-                 'train': ('mindlink.training',), 'reconstruct': ('mindlink.reconstruction',), 'metrics': ('mindlink.metrics',)}
+                 'train': ('mindlink.training',), 'reconstruct': ('mindlink.reconstruction',), 'metrics': ('mindlink.metrics',),
+                 'gpu': ('mindlink.training:bench_gpu',)}
 
 def bench_functions(area: str) -> dict:
     "name -> function: the `bench_*` functions of `area`'s modules that can run with their defaults."
     if area not in BENCH_MODULES: raise MindLinkError(f'bench {area!r}: expected one of {list(BENCH_MODULES)}')
+    own = {e for entries in BENCH_MODULES.values() for e in entries if ':' in e}  # functions with an area of their own
     out = {}
-    for mod in map(importlib.import_module, BENCH_MODULES[area]):
+    for entry in BENCH_MODULES[area]:
+        modname, _, only = entry.partition(':')
+        mod = importlib.import_module(modname)
         for name, f in vars(mod).items():
+            if (name != only) if only else f'{modname}:{name}' in own: continue
             if not name.startswith('bench_') or not callable(f) or getattr(f, '__module__', None) != mod.__name__: continue
             ps = inspect.signature(f).parameters.values()
             if all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in ps): out[name] = f

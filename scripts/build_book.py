@@ -11,7 +11,9 @@ Jupyter Book cell tags without touching the sources:
 
 Cells flagged `#|slow` are skipped by `nbdev_test` but executed here, so every cell runs in CI once.
 Every chapter is executed from a fresh kernel (`execute_notebooks: force`); a failing cell fails the build.
-Output: `_build/book_src/_build/html/`.
+`book/_static` (MathJax, the book's CSS) is staged as `_assets`: Jupyter Book adds every `.js` file under a source
+`_static` folder to every page, which would load MathJax twice (the second copy fails in the browser's console).
+Output: `_build/book_src/_build/html/` (the static files under its `_static/`, as usual).
 """
 import json, shutil, subprocess, sys
 from pathlib import Path
@@ -78,7 +80,7 @@ def main(only=None):
     SRC.mkdir(parents=True)
     shutil.copy(ROOT / 'book' / '_config.yml', SRC / '_config.yml')
     (SRC / '_toc.yml').write_text(yaml.safe_dump(toc, sort_keys=False))
-    shutil.copytree(ROOT / 'book' / '_static', SRC / '_static')
+    shutil.copytree(ROOT / 'book' / '_static', SRC / '_assets')   # see the docstring; _config.yml names it
     for f in files: stage_notebook(ROOT / f'{f}.ipynb', SRC / f'{f}.ipynb')
     for d in (ROOT / 'nbs').iterdir():  # data a chapter reads beside it (e.g. nbs/experiments_cache)
         if d.is_dir() and not d.name.startswith(('.', '_')): shutil.copytree(d, SRC / 'nbs' / d.name)

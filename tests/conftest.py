@@ -32,6 +32,10 @@ def tiny(tmp_path_factory):
     return build_tiny_sd_ip_adapter(tmp_path_factory.mktemp('tiny_weights'))
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; run by `mindlink bench gpu` (pytest -m cuda), skipped elsewhere')
+
+
 @pytest.fixture(scope='session')
 def fullscale(tmp_path_factory):
     """The full-scale path's inputs at their real shapes, written once per test session (see tests/test_fullscale.py):

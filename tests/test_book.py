@@ -1,9 +1,10 @@
 """The executed Jupyter Book: every chapter's HTML exists, holds its equations and executed outputs, serves
-MathJax itself, and typesets offline in headless Chromium.
+MathJax itself, and reads cleanly in headless Chromium, offline (scripts/read_book.py: equations typeset, no TeX or
+build noise on the page, figures loaded).
 
 `make test` builds the book (scripts/build_book.py) before pytest runs; run alone, these tests build it first.
 """
-import json, os, re, shutil, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'scripts'))
+import read_book  # noqa: E402
 from build_book import HTML, toc_files  # noqa: E402
 
 CHAPTERS = toc_files(yaml.safe_load((ROOT / 'book' / '_toc.yml').read_text()))
@@ -54,48 +56,76 @@ def test_chapter_html(html_dir, chapter):
                                          f'notebook, {got} rendered in the HTML')
     if n_display + n_inline:
         assert 'mathjax/tex-svg-full.js' in html, f'{chapter}: MathJax is not served from the book'
+    assert html.count('mathjax/tex-svg-full.js') <= 1, f'{chapter}: MathJax loaded twice (see scripts/build_book.py)'
     assert not re.search(r'<script[^>]+src="https?://[^"]*mathjax', html, flags=re.I), f'{chapter}: MathJax from a CDN'
     outputs = re.findall(r'<div class="cell_output docutils container">(.*?)</div>\s*</div>', html, flags=re.S)
     assert any(o.strip() for o in outputs), f'{chapter}: no executed output in the HTML'
 
 
-def _chromium():
-    for exe in ('chromium', 'chromium-browser', 'google-chrome'):
-        if shutil.which(exe): return shutil.which(exe)
+@pytest.fixture(scope='module')
+def browser():
+    "One headless Chromium, networking off, for every page of the module."
+    if os.environ.get('MINDLINK_SKIP_BROWSER') == '1': pytest.skip('MINDLINK_SKIP_BROWSER=1')
+    driver = read_book.chromium()
+    yield driver
+    driver.quit()
 
 
-@pytest.mark.skipif(os.environ.get('MINDLINK_SKIP_BROWSER') == '1', reason='MINDLINK_SKIP_BROWSER=1')
-def test_index_typesets_offline_in_chromium(html_dir):
-    "Open the built index from disk with networking off: MathJax must typeset and the figure must load."
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
-    exe, driver_exe = _chromium(), shutil.which('chromedriver')
-    assert exe and driver_exe, 'Debian chromium and chromium-driver are needed (`make sysdeps`)'
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = exe
-    for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
-              '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic',
-              '--allow-file-access-from-files', '--window-size=1280,1600',
-              # networking disabled: every host resolves to nothing and every proxy request goes nowhere
-              '--host-resolver-rules=MAP * ~NOTFOUND', '--proxy-server=http://127.0.0.1:9', '--proxy-bypass-list=<-loopback>'):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(driver_exe), options=opts)
-    try:
-        driver.get((html_dir / 'nbs' / '00_index.html').as_uri())
-        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-            "return document.querySelectorAll('mjx-container svg').length > 0 && "
-            "Array.from(document.images).every(i => i.complete)"))
-        n_math = driver.execute_script("return document.querySelectorAll('mjx-container svg').length")
-        n_raw = driver.execute_script(
-            "return document.querySelectorAll('span.math:not(:has(mjx-container))').length")
-        figs = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.cell_output img')).map(i => [i.src, i.naturalWidth])")
-        shot = ROOT / '_build' / 'screenshots' / '00_index.png'
-        shot.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
-    assert n_math > 0, 'MathJax typeset nothing'
-    assert n_raw == 0, f'{n_raw} equations left untypeset'
-    assert figs and all(w > 0 for _, w in figs), f'a figure did not load: {figs}'
+# A page with one of each defect the reader's test looks for, and the same page mended: the checks must tell them
+# apart (the broken page would pass a test that only counts equations).
+_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<script>window.MathJax = {{"options": {{"processHtmlClass": "tex2jax_process|mathjax_process|math|output_area"}}}}</script>
+<script defer src="{mathjax}"></script></head><body><article>
+<p>The loss {inline} is averaged over hidden patches.</p>
+<div class="math notranslate nohighlight">\\[{display}\\]</div>
+<p>{prose}</p>
+<div class="cell docutils container"><div class="cell_input docutils container"><pre>{code}</pre></div>
+<div class="cell_output docutils container">
+<div class="output {stream} highlight-myst-ansi notranslate"><div class="highlight"><pre>{text}</pre></div></div>
+<img src="{image}" alt="figure"></div></div>
+<table><tr>{row}</tr></table>
+</article></body></html>"""
+_CLEAN = dict(inline='<span class="math notranslate nohighlight">\\(L_{rec}\\)</span>',
+              display="L_{align} = \\frac{1}{N} \\sum_i \\| b'_i - z_i \\|_2", prose='diffusers computes it inside the UNet.',
+              stream='stream', text='subject 1: 40 images', image='figure.png', code='x = 1', row='<td>preset</td><td>paper</td>')
+_BROKEN = dict(inline='<span class="math notranslate nohighlight">\\(\\fraq{1}{N}\\)</span>',   # a TeX error
+               display='diffusers computes c_i inside the UNet',                                    # prose set as math
+               prose='We feed $b\' = P(E_b(B))$ with \\mathrm{Attn} straight in.',                # math left as source
+               stream='stderr', text=('/work/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found\n'
+                       'Writing model shards:   0%|          | 0/1 [00:00&lt;?, ?it/s]\n'
+                       'Traceback (most recent call last):'),
+               image='missing.png', code='x = ' + ' + '.join(['1'] * 200),                # one long line
+               row=''.join(f'<td>column_name_{i}</td>' for i in range(60)))                       # a wide table
+
+
+def test_reader_checks_can_fail(browser, tmp_path):
+    "The reader's checks pass a well-made page and name every defect of a broken one."
+    from PIL import Image
+    mathjax = ROOT / 'book' / '_static' / 'mathjax' / 'tex-svg-full.js'
+    assert mathjax.exists(), f'{mathjax} missing: run `make mathjax`'
+    Image.new('RGB', (8, 8), 'white').save(tmp_path / 'figure.png')
+    for name, parts in (('clean', _CLEAN), ('broken', _BROKEN)):
+        (tmp_path / f'{name}.html').write_text(_PAGE.format(mathjax=mathjax.as_uri(), **parts))
+    assert read_book.read_page(browser, tmp_path / 'clean.html') == []
+    found = '\n'.join(read_book.read_page(browser, tmp_path / 'broken.html'))
+    for defect in ('MathJax error', 'prose or code names set as math (diffusers, computes', 'stray $ in prose',
+                   'output shows a warning', 'output shows a progress bar', 'output shows a traceback',
+                   'output shows a path of the build machine', 'image did not load: missing.png',
+                   'output on stderr', 'code line wider than the page', 'table wider than the page'):
+        assert defect in found, f'the checks missed {defect!r}:\n{found}'
+    (tmp_path / 'tex.html').write_text(_PAGE.format(mathjax=mathjax.as_uri(), **{**_CLEAN, 'prose': 'a \\alpha here'}))
+    assert any('TeX command in prose (\\alpha)' in p for p in read_book.read_page(browser, tmp_path / 'tex.html'))
+
+
+@pytest.mark.parametrize('chapter', CHAPTERS)
+def test_chapter_reads_cleanly(html_dir, browser, chapter):
+    """Each chapter as a reader sees it in Chromium, offline: every equation typeset (no MathJax error, no TeX or
+    stray `$` left in the prose, no prose set as math), outputs free of warnings, tracebacks, progress bars and
+    build-machine paths, every figure loaded, no code line or table wider than the page."""
+    page = html_dir / f'{chapter}.html'
+    assert page.exists(), f'{page} was not built'
+    problems = read_book.read_page(browser, page)
+    shot = ROOT / '_build' / 'screenshots' / f'{Path(chapter).name}.png'   # the top of the page, for a person to look at
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(shot))
+    assert not problems, f'{chapter} ({page}) reads badly:\n' + '\n'.join(problems)

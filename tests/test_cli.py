@@ -1,5 +1,5 @@
 "The `mindlink` command end to end: every subcommand's happy path and one bad input each (nbs/14_cli.ipynb)."
-import json, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -43,9 +43,39 @@ def test_entry_point():
     assert r.returncode == 2 and 'folder not found' in r.stderr and 'Traceback' not in r.stderr
 
 
+def _cli_stderr(argv, terminal: bool) -> str:
+    "What `mindlink ARGV` (a subprocess) writes to stderr when that is a terminal (a pseudo-terminal here) or a pipe."
+    env = {k: v for k, v in os.environ.items() if k != 'MINDLINK_NO_PROGRESS'}
+    cmd = [sys.executable, '-m', 'mindlink.cli', *map(str, argv)]
+    if not terminal: return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True).stderr
+    import fcntl, pty, struct, termios
+    main_fd, sub_fd = pty.openpty()
+    fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))   # 24 rows, 100 columns
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sub_fd)
+    os.close(sub_fd)
+    out = b''
+    while True:
+        try: chunk = os.read(main_fd, 1 << 16)
+        except OSError: break            # EIO: the child closed the terminal
+        if not chunk: break
+        out += chunk
+    os.close(main_fd)
+    assert p.wait(timeout=600) == 0, out.decode(errors='replace')
+    return out.decode(errors='replace')
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    "A person at a terminal sees the bars; a CI log (a pipe) gets none, with no setting needed either way."
+    args = ['data', 'mini-nsd', '--tiny', '--set', 'n_train=20', '--out']
+    on_terminal = _cli_stderr([*args, tmp_path / 'a'], terminal=True)
+    assert 'MiniNSD subjects' in on_terminal and '100%|' in on_terminal, on_terminal
+    piped = _cli_stderr([*args, tmp_path / 'b'], terminal=False)
+    assert 'MiniNSD subjects' not in piped and '%|' not in piped, piped
+
+
 def test_bad_arguments_exit_2(capsys):
-    with pytest.raises(SystemExit) as e: main(['bench', 'gpu'])
-    assert e.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e: main(['bench', 'tpu'])
+    assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e: main([])
     assert e.value.code == 2
 
@@ -109,11 +139,32 @@ def test_bench(tmp_path, capsys):
     fails(capsys, ['bench', 'data', '--only', 'bench_nothing'], 'bench_nothing')
 
 
+
+def test_bench_gpu_smoke_through_the_gpu_script(tmp_path):
+    "The first GPU check's exact command, at tiny sizes on this machine: scripts/gpu_check.sh --smoke (nbs/09_training.ipynb)."
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_check.sh'
+    r = subprocess.run(['bash', str(script), '--smoke'], capture_output=True, text=True, timeout=600,
+                       env={**__import__('os').environ, 'PYTHON': sys.executable, 'OUT': str(tmp_path), 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads((tmp_path / 'bench_gpu.json').read_text())
+    sec = res['sections']
+    assert res['smoke'] and set(sec) == {'device', 'step (eager)', 'loader', 'reconstruction', 'cuda tests', 'step (compiled)'}
+    assert not [k for k, v in sec.items() if 'error' in v or 'not_run' in v]
+    for k in ('step (eager)', 'step (compiled)'): assert sec[k]['samples_per_s'] > 0 and sec[k]['achieved_tflops'] > 0
+    assert sec['step (compiled)']['compile'] == 'aot_eager'
+    assert {row['path'] for row in sec['loader']['rows']} == {'host, 0 workers', 'host, 1 worker', 'preloaded on cpu'}
+    assert all(row['vs_fastest_step'] > 0 for row in sec['loader']['rows'])
+    assert [row['batch_size'] for row in sec['reconstruction']['rows']] == [1, 2]
+    t = sec['cuda tests']
+    assert t['returncode'] == 0 and t['failed'] == t['errors'] == 0 and t['skipped'] == len(t['cases']) >= 6   # no GPU here
+    log = (tmp_path / 'bench_gpu.log').read_text()
+    assert 'samples/s' in log and 'results written to' in log
+
 def test_demo(tmp_path, capsys):
     out = tmp_path / 'demo'
     assert main(['demo', '--out', str(out), '--quick']) == 0
     printed = capsys.readouterr().out
-    assert str(out.resolve()) in printed
+    assert str(out) in printed                                  # the folder as the user named it
     m = json.loads((out / 'metrics.json').read_text())
     assert {'retrieval_top1', 'retrieval_chance', 'two_way_identification'} <= set(m)
     assert m['retrieval_chance'] == pytest.approx(1 / m['n_test'])

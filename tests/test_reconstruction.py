@@ -112,3 +112,22 @@ def test_bench_reconstruct_tiny():
     assert r['config'] == 'tiny' and r['size'] == 32 and r['steps'] == 1 and len(r['rows']) == 2
     assert all(row['recon_per_s'] > 0 for row in r['rows']) and r['best_recon_per_s'] == max(row['recon_per_s'] for row in r['rows'])
     with pytest.raises(MindLinkError, match='expected one of'): bench_reconstruct('sdxl')
+
+
+def test_library_output_only_where_it_helps(tiny, tmp_path, capsys, monkeypatch):
+    """transformers' and diffusers' own bars (saving, loading weights) follow mindlink's rule, none off a terminal;
+    their warnings about an image encoder we never use are not shown."""
+    monkeypatch.delenv('MINDLINK_NO_PROGRESS', raising=False)   # pytest's captured stderr is not a terminal
+    SDReconstructor.from_pretrained(tiny['sd'], tiny['ip_adapter'])
+    build_tiny_sd_ip_adapter(tmp_path / 'a')
+    err = capsys.readouterr().err
+    assert '%|' not in err and 'Loading' not in err and 'Writing model shards' not in err, err
+    assert 'image_encoder is not loaded' not in err and 'kept in float32' not in err, err   # diffusers' warnings that do not apply
+    monkeypatch.setenv('MINDLINK_NO_PROGRESS', '0')            # bars forced on: the same calls draw them
+    SDReconstructor.from_pretrained(tiny['sd'], tiny['ip_adapter'])
+    build_tiny_sd_ip_adapter(tmp_path / 'b')
+    err = capsys.readouterr().err
+    assert 'Loading pipeline components' in err and 'Writing model shards' in err, err
+    from diffusers.utils import logging as dl
+    from transformers.utils import logging as tl
+    assert tl.is_progress_bar_enabled() and dl.get_verbosity() == dl.WARNING   # switched back as they were after each call

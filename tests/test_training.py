@@ -92,7 +92,7 @@ def test_two_processes_one_preparation(mini_nsd_root, full_run, tmp_path):
     B = CFG['batch_size']
     for epoch in range(CFG['epochs']):
         s0, s1 = ({tuple(x[1:]) for x in s if x[0] == epoch} for s in seen)
-        assert len(s0) == len(s1) and len(s0) % (B // 2) == 0 and not s0 & s1       # half a global batch each step, disjoint
+        assert len(s0) == len(s1) == state['total_steps'] // CFG['epochs'] * B // 2 and not s0 & s1   # half a global batch each step, disjoint
 
 
 def test_bad_config_and_checkpoints(mini_nsd_root, cfg, full_run, tmp_path):
@@ -165,8 +165,25 @@ def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
     assert plan(free(170 * mib)) == (16, 4, False)                          # 170 MiB / 10 MiB per sample: 17, so 16
     assert plan(free(9 * mib)) == (4, 16, True)                             # not one sample without recomputation: checkpointing
     assert plan(2**30, micro_batch=8) == (8, 8, False)           # --micro-batch wins
-    nbytes = len(data.train) * sum(torch.as_tensor(v).numel() * torch.as_tensor(v).element_size() for v in data.train[0].values())
+    item = data.train[0]; held = training._stored_dtype(data.train, item)      # preloaded as stored (float16 patches)
+    nbytes = len(data.train) * sum(torch.as_tensor(v).numel() * (held.itemsize if k == 'patches' else torch.as_tensor(v).element_size())
+                                   for k, v in item.items())
     room = 160 * mib + nbytes // 2                                            # 16 samples fit, not 16 and the training set
     assert (plan(free(room))[0], plan(free(room), preload=True)[0], plan(free(room + nbytes), preload=True)[0]) == (16, 8, 16)
     with pytest.raises(MindLinkError, match='does not fit on this device'): plan(free(mib))
     with pytest.raises(MindLinkError, match='expected a divisor of the batch per process'): plan(2**30, micro_batch=48)
+
+
+def test_bench_step_halves_the_micro_batch_on_out_of_memory(monkeypatch):
+    "`mindlink bench gpu` fits the paper step by halving the micro-batch on OOM (simulated here: no GPU needed)."
+    import mindlink.training as T
+    tried = []
+    def fake_bench_train(preset, batch_size, grad_accum, **kw):
+        tried.append(batch_size // grad_accum)
+        if batch_size // grad_accum > 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return dict(micro_batch=batch_size // grad_accum, grad_accum=grad_accum)
+    monkeypatch.setattr(T, 'bench_train', fake_bench_train)
+    r = T._fit_step('tiny', 16, 27, False, 'cpu', 1, 1)
+    assert tried == [16, 8, 4, 2] and r == dict(micro_batch=2, grad_accum=8, out_of_memory_at=[16, 8, 4])
+    monkeypatch.setattr(T, 'bench_train', lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError('always')))
+    with pytest.raises(MindLinkError, match='out of memory even at micro-batch 1'): T._fit_step('tiny', 4, 27, False, 'cpu', 1, 1)
