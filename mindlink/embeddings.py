@@ -251,9 +251,11 @@ class IPAdapterPlusEmbedder:
         return self.weights_identity + ('' if self.dtype == torch.float32 else '-' + str(self.dtype).replace('torch.', ''))
     @property
     def origin(self) -> str:
-        "The weight file (or hub id) the tokens come from, for messages."
+        "The weight file (or hub id) the tokens come from, for messages (relative to the working folder when inside it)."
         s = self.source or {}
-        return str(Path(s['path']) / s.get('subfolder', '') / s['weight_name']) if s.get('path') else self.name
+        if not s.get('path'): return self.name
+        p = Path(s['path']) / s.get('subfolder', '') / s['weight_name']
+        return str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p)
 
     @classmethod
     def from_pretrained(cls,

@@ -481,9 +481,9 @@ def write_random_metric_weights(root, seed: int = 0,
     swav = {f'module.{k}': v for k, v in half(tvm.resnet50(weights=None)).items() if not k.startswith('fc.')}
     swav.update({'module.projection_head.0.weight': torch.zeros(8, 2048, dtype=dtype), 'module.prototypes.weight': torch.zeros(16, 8, dtype=dtype)})
     save({'epoch': 800, 'state_dict': swav}, NETS['swav'].file)   # SwAV's own checkpoint layout
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=clip_layers,
-                                                   num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
-                                  ).save_pretrained(root / NETS['clip'].file)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=clip_layers,
+                                                          num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768))
+    with hf_progress(): clip.save_pretrained(root / NETS['clip'].file)
     return root
 
 # %% ../nbs/11_metrics.ipynb #0c845bd7
