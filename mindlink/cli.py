@@ -116,14 +116,14 @@ def cmd_adapt(a):
 def cmd_demo(a):
     "`mindlink demo`: the whole pipeline on MiniNSD (`mindlink.pipeline.run_pipeline`)."
     from mindlink.mininsd import TINY_MINI_NSD
-    from mindlink.pipeline import QUICK_TRAIN, demo_config, run_pipeline
+    from mindlink.pipeline import QUICK_BASELINES, QUICK_TRAIN, demo_config, run_pipeline
     t0 = time.time()
     out = Path(a.out)
     cfg = demo_config(**dict(a.set))
     data_kw = dict(TINY_MINI_NSD) if a.quick else None
     if a.quick: cfg = cfg.replace(**QUICK_TRAIN)
     print(f'mindlink demo: MiniNSD -> patches -> embeddings -> training -> reconstruction -> metrics, results in {out}')
-    res = run_pipeline(out, cfg=cfg, data_kw=data_kw, verbose=True)
+    res = run_pipeline(out, cfg=cfg, data_kw=data_kw, baseline_options=QUICK_BASELINES if a.quick else None, verbose=True)
     print(f'done in {time.time() - t0:.0f} s. Results: {out}')
     for k, v in res.files.items(): print(f'  {k:22s} {v}')
 
@@ -153,8 +153,8 @@ def cmd_experiments(a):
     kw = dict(seeds=tuple(a.seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work, jobs=a.jobs, fresh=a.fresh)
     if a.quick:
         from mindlink.mininsd import TINY_MINI_NSD
-        from mindlink.pipeline import QUICK_TRAIN, demo_config
-        kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
+        from mindlink.pipeline import QUICK_BASELINES, QUICK_TRAIN, demo_config
+        kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN), baseline_options=QUICK_BASELINES,
                   sizes=tuple(a.sizes or (12, 24)), adapt_steps=4, seeds=tuple(a.seeds)[:1])
     run_experiments(a.out, **kw)
 

@@ -19,8 +19,9 @@ from .data import NSDReader
 from .mininsd import make_mini_nsd
 from .metrics import subject_probe_accuracy
 from .training import prepare_data
-from .pipeline import DEMO_DATA, demo_config, train_and_score
+from .pipeline import DEMO_DATA, demo_config, score_baseline, train_and_score
 from .adaptation import adaptation_study
+from .baselines import BASELINES, BASELINE_GROUP
 
 # %% ../nbs/13_experiments.ipynb #02df38ba
 def experiment_runs(cfg,              # the base config (the demo's)
@@ -61,6 +62,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
                     work=None,              # where data and runs go (default: a folder in the system's temp dir; the chapter does not need them)
                     jobs: int = 1,          # training runs side by side in worker processes (`mindlink.utils.map_jobs`)
                     fresh: bool = False,    # retrain every run; by default a run already in `work` is continued or, if finished, only scored
+                    baseline_options: dict | None = None,  # kind -> options of the baselines' `fit_baseline` (default: their own)
                     verbose: bool = True) -> dict:
     "Train and score every configuration of chapter 13 and write its small result files to `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -83,11 +85,20 @@ def run_experiments(out,                    # results folder (the chapter reads 
     rows, probes, fits = [], [], {}
     for (method, group, seed, subj, c, d), fit in zip(runs, results):
         rows += [dict(group=group, method=method, seed=seed, subject=s, steps=fit.summary['step'], train_seconds=fit.seconds,
-                     **fit.scores[s].metrics) for s in subj]
+                      params=sum(p.numel() for p in fit.model.parameters()), **fit.scores[s].metrics) for s in subj]
         if group != 'single cross-subject model': continue
         e = torch.cat([fit.embeddings[s] for s in subjects]); lab = np.concatenate([[s] * len(fit.embeddings[s]) for s in subjects])
         probes.append(dict(method=method, seed=seed, **subject_probe_accuracy(e, lab)))
         if seed == seeds[0]: fits[method] = (fit, e, lab)
+    # the flattened-voxel baselines (chapter 11a): same subjects, voxels and targets z, scored by the same code;
+    # an MLP per seed, the ridge once (its only random choice, the CV folds, uses the first seed)
+    baseline_options = baseline_options or {}
+    bl_jobs = [dict(kind=k, root=root, subjects=subjects, embedder=emb_dir, seed=seed, images=False, **baseline_options.get(k, {}))
+               for k in BASELINES for seed in (seeds[:1] if k == 'ridge' else seeds)]
+    if verbose: print(f'[experiments] {len(bl_jobs)} baseline fits on flattened voxels, {jobs} at a time', flush=True)
+    for b in map_jobs(score_baseline, bl_jobs, jobs, kwargs=True, desc='baselines'):
+        rows += [dict(group=BASELINE_GROUP, method=BASELINES[b.kind], seed=b.seed, subject=s, steps=b.steps, train_seconds=b.train_seconds,
+                      params=b.params, **sc.metrics) for s, sc in b.scores.items()]
     pd.DataFrame(rows).to_csv(out / 'table12.csv', index=False)
     pd.DataFrame(probes).to_csv(out / 'probe.csv', index=False)
     # Fig. 2: the same six test images from each subject; Fig. 3: t-SNE with and without L_subj
@@ -110,6 +121,7 @@ def run_experiments(out,                    # results folder (the chapter reads 
                           verbose=verbose, jobs=jobs, resume=not fresh)
     df.to_csv(out / 'table3.csv', index=False)
     meta = dict(command=f'mindlink experiments --out {out} --seeds {" ".join(map(str, seeds))} --jobs {jobs}', seeds=list(seeds), jobs=jobs, fresh=fresh, sizes=list(sizes), adapt_steps=adapt_steps,
+                baseline_options=baseline_options,
                 data=dict(data_kw), config=cfg.to_dict(), seconds=time.time() - t_start, training_runs=len(runs),
                 run_seconds_sum=sum(f.seconds for f in results),  # training time of every run, including runs an earlier call trained
                 made=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),

@@ -169,6 +169,17 @@ def test_demo(tmp_path, capsys):
     assert {'retrieval_top1', 'retrieval_chance', 'two_way_identification'} <= set(m)
     assert m['retrieval_chance'] == pytest.approx(1 / m['n_test'])
     for f in ('metrics.csv', 'metrics.md', 'reconstructions.png', 'tsne.png', 'loss_curves.png'): assert (out / f).exists(), f
+    # the flattened-voxel baselines beside MindLink, with the same metrics, in every results file
+    from mindlink.baselines import BASELINES
+    import pandas as pd
+    assert set(m['baselines']) == set(BASELINES)
+    for b in m['baselines'].values():
+        assert {'retrieval_top1', 'retrieval_chance', 'two_way_identification', 'PixCorr', 'SSIM'} <= set(b) and b['params'] > 0
+        assert set(b['per_subject']) == set(m['per_subject']) and 0 <= b['retrieval_top1'] <= 1
+    dec = pd.read_csv(out / 'metrics_decoding.csv')
+    assert dec.groupby('method').size().to_dict() == {'MindLink (one model)': 4, **{v: 4 for v in BASELINES.values()}}
+    md = (out / 'metrics.md').read_text()
+    assert all(v in md for v in BASELINES.values()) and 'baselines (flattened voxels)' in md
     fails(capsys, ['demo', '--out', tmp_path / 'd2', '--quick', '--set', 'n_tokens=15'], 'n_tokens')
 
 
@@ -178,8 +189,14 @@ def test_experiments(tmp_path, capsys):
     for f in ('table12.csv', 'probe.csv', 'table3.csv', 'fig2.npz', 'fig3.npz', 'experiments.json'): assert (out / f).exists(), f
     import pandas as pd
     t = pd.read_csv(out / 'table12.csv')
+    from mindlink.baselines import BASELINES, BASELINE_GROUP
     assert set(t.method) == {'MindLink', 'w/o L_subj', 'w/o cross-attention', 'MindLink, 4× steps', 'MindLink, one model per subject',
-                             'MindLink, one model per subject, same steps'}
+                             'MindLink, one model per subject, same steps', *BASELINES.values()}
+    # the baselines' rows: their own group, every subject, scored like MindLink (the ridge once: it is deterministic)
+    bl = t[t.group == BASELINE_GROUP]
+    assert set(bl.method) == set(BASELINES.values()) and (bl.groupby('method').subject.nunique() == 4).all()
+    assert bl[bl.method == BASELINES['ridge']].seed.nunique() == 1 and (bl[bl.method == BASELINES['ridge']].steps == 0).all()
+    assert bl.retrieval_top1.between(0, 1).all() and bl.two_way_identification.notna().all() and (bl.params > 0).all()
     # per subject, the same-steps arm takes as many optimizer steps as the shared model
     steps = t.groupby('method').steps.unique()
     assert len(steps['MindLink']) == 1 and (steps['MindLink, one model per subject, same steps'] >= steps['MindLink'][0]).all()
