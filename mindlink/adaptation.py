@@ -13,12 +13,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .utils import MindLinkError, map_jobs, savefig
+from .utils import MindLinkError, get_device, map_jobs, savefig
 from .data import NSDReader
 from .patching import PatchLayout, PatchStore
-from .embeddings import RegionPCAEmbedder
-from .reconstruction import make_reconstructor
-from .pipeline import SubjectScore, _say, _test_targets, _train_timed, pretrained_store, score_subject
+from .pipeline import SubjectScore, _say, _test_targets, _train_timed, pretrained_store, run_decoder, score_subject
 from . import training
 
 # %% ../nbs/12_adaptation.ipynb #283bd916
@@ -28,7 +26,8 @@ def layout_key(layout) -> str:
              origins={str(s): list(map(int, o)) for s, o in sorted(layout.origins.items())})
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
-def new_subject_store(root, subject: int, base: PatchStore) -> tuple:
+def new_subject_store(root, subject: int, base: PatchStore,
+                      test_split: str = 'shared982') -> tuple:  # the pretrained run's: which of the subject's sessions are read
     "`(store, lost_voxels)`: `subject`'s patch tokens on `base`'s layout (same box and patches), built once and cached."
     subject, reader = int(subject), NSDReader(root)
     if subject in base.subjects: return base, base.layout.lost_voxels(subject)
@@ -40,8 +39,9 @@ def new_subject_store(root, subject: int, base: PatchStore) -> tuple:
     origin = tuple(int(v) for v in lo - (np.array(lay.box) - (hi - lo)) // 2)
     new = PatchLayout(lay.patch, lay.box, {**lay.origins, subject: origin}, lay.keep.copy(), lay.coords.copy(),
                       {**lay.rois, subject: m}, {**lay.affines, subject: aff})
-    out = Path(root) / 'mindlink_cache' / f'patches_p{lay.patch}_layout-{layout_key(lay)}_subj{subject:02d}'
-    return PatchStore.build(reader, [subject], out, layout=new), new.lost_voxels(subject)
+    limit = reader.session_limit([subject], test_split)
+    out = Path(root) / 'mindlink_cache' / (f'patches_p{lay.patch}_layout-{layout_key(lay)}_subj{subject:02d}' + (f'_sessions1-{limit}' if limit else ''))
+    return PatchStore.build(reader, [subject], out, layout=new, **({} if limit is None else {'max_sessions': limit})), new.lost_voxels(subject)
 
 # %% ../nbs/12_adaptation.ipynb #0143f94a
 def _pretrained(pretrained):
@@ -51,13 +51,16 @@ def _pretrained(pretrained):
     if run is None: raise MindLinkError(f'{pretrained}: no embedder/ folder next to this model; expected a run folder written by mindlink train')
     return ck, run
 
-def zero_shot(pretrained, root, subject: int = 5) -> SubjectScore:
+def zero_shot(pretrained, root, subject: int = 5,
+              sd=None, ip_adapter=None,   # Stable Diffusion (and IP-Adapter) when the targets are IP-Adapter Plus tokens
+              device=None, recon_kw: dict | None = None) -> SubjectScore:
     "Score the pretrained model on a new subject's test images without any training on that subject."
     ck, run = _pretrained(pretrained)
-    reader, (store, _) = NSDReader(root), new_subject_store(root, subject, pretrained_store(root, ck.config))
-    emb = RegionPCAEmbedder.load(run / 'embedder')
-    ids = reader.split([subject])[subject]['test']
-    return score_subject(ck.model, store, subject, ids, _test_targets(root, reader, emb, ids), reader, make_reconstructor(emb))
+    split_name = training.run_record(run)['test_split']
+    emb, decoder = run_decoder(run, sd, ip_adapter, device)
+    reader, (store, _) = NSDReader(root), new_subject_store(root, subject, pretrained_store(root, ck.config, run), split_name)
+    ids = reader.split([subject], split_name)[subject]['test']
+    return score_subject(ck.model, store, subject, ids, _test_targets(root, reader, emb, ids), reader, decoder, recon_kw=recon_kw)
 
 def adapt(pretrained,                 # run folder (or checkpoint) of the model pretrained on other subjects
           root,                       # the data root (NSD layout) it was trained on
@@ -70,12 +73,15 @@ def adapt(pretrained,                 # run folder (or checkpoint) of the model 
           warmup_frac: float = 1 / 6, # fraction of the epochs that train L_rec only (Eq. 1)
           n_evals: int = 4,           # validation passes during training (the learning curve)
           resume: bool = False,       # continue the run in `out_dir` if it has checkpoints (a finished run is only scored)
+          sd=None, ip_adapter=None,   # Stable Diffusion (and IP-Adapter) when the targets are IP-Adapter Plus tokens
+          device=None,                # where to train and score (default: a GPU when there is one)
+          recon_kw: dict | None = None,  # options of the decoder's `reconstruct` (steps, guidance)
           **overrides) -> dict:       # config fields to change (lr, batch_size, ...)
     "Train on `n_train` images of a new subject, from the pretrained weights or from scratch, and score it."
     if mode not in ('finetune', 'scratch'): raise MindLinkError(f"mode={mode!r}: expected 'finetune' or 'scratch'")
     ck, run = _pretrained(pretrained)
-    reader = NSDReader(root)
-    have = len(reader.split([subject])[subject]['train'])
+    reader, split_name = NSDReader(root), training.run_record(run)['test_split']
+    have = len(reader.split([subject], split_name)[subject]['train'])
     n = have if n_train is None else int(n_train)
     if not 1 <= n <= have: raise MindLinkError(f'n_train={n_train}: subject {subject} has {have} training images')
     bs = min(overrides.pop('batch_size', ck.config.batch_size), n)
@@ -83,13 +89,14 @@ def adapt(pretrained,                 # run folder (or checkpoint) of the model 
     cfg = ck.config.replace(**{**dict(n_subjects=1, use_subject_loss=False, seed=seed, batch_size=bs, epochs=epochs,
                                       warmup_epochs=int(epochs * warmup_frac), eval_every=max(1, epochs // n_evals),
                                       ckpt_every=epochs), **overrides})
-    store, lost = new_subject_store(root, subject, pretrained_store(root, ck.config))
+    store, lost = new_subject_store(root, subject, pretrained_store(root, ck.config, run), split_name)
     summary, sec = _train_timed(cfg, store, out_dir, resume, reader=reader, subjects=[subject], n_train=n, embedder=run / 'embedder',
-                                init_from=ck.path if mode == 'finetune' else None, progress_bar=False, max_steps=steps, device='cpu')
-    model = training.load_checkpoint(out_dir).model
-    emb = RegionPCAEmbedder.load(run / 'embedder')
-    ids = reader.split([subject])[subject]['test']
-    sc = score_subject(model, store, subject, ids, _test_targets(root, reader, emb, ids), reader, make_reconstructor(emb))
+                                init_from=ck.path if mode == 'finetune' else None, progress_bar=False, max_steps=steps,
+                                device=device, test_split=split_name)
+    model = training.load_checkpoint(out_dir, device=get_device(device)).model
+    emb, decoder = run_decoder(run, sd, ip_adapter, device)
+    ids = reader.split([subject], split_name)[subject]['test']
+    sc = score_subject(model, store, subject, ids, _test_targets(root, reader, emb, ids), reader, decoder, recon_kw=recon_kw)
     return dict(mode=mode, n_train=n, seed=seed, steps=summary['step'], epochs=epochs, train_seconds=sec,
                 lost_voxels=lost, out_dir=str(out_dir), **sc.metrics)
 
@@ -103,13 +110,17 @@ def adaptation_study(pretrained, root, out_dir, subject: int = 5,
                      jobs: int = 1,         # runs side by side in worker processes (`mindlink.utils.map_jobs`)
                      threads: int | None = None,  # torch threads per worker (default: cores // jobs)
                      resume: bool = False,  # reuse the runs already in `out_dir` (continued, or only scored if finished)
+                     sd=None, ip_adapter=None,  # Stable Diffusion (and IP-Adapter) when the targets are IP-Adapter Plus tokens
+                     device=None,           # where each run trains and scores (default: a GPU when there is one)
+                     recon_kw: dict | None = None,  # options of the decoder's `reconstruct` (steps, guidance)
                      **overrides) -> pd.DataFrame:
     "Zero-shot, then fine-tune vs scratch at each size and seed on a new subject; one row per run."
     out_dir = Path(out_dir)
-    zs = zero_shot(pretrained, root, subject)          # also builds the new subject's patch store, once, before any worker starts
+    dec = dict(sd=sd, ip_adapter=ip_adapter, device=device, recon_kw=recon_kw)
+    zs = zero_shot(pretrained, root, subject, **dec)   # also builds the new subject's patch store, once, before any worker starts
     rows = [dict(mode='zero-shot', n_train=0, seed=0, steps=0, **zs.metrics)]
     runs = [dict(pretrained=pretrained, root=root, out_dir=out_dir / f'{mode}_n{n}_seed{seed}', subject=subject, n_train=n,
-                 mode=mode, steps=steps, seed=seed, resume=resume, **overrides) for n in sizes for seed in seeds for mode in modes]
+                 mode=mode, steps=steps, seed=seed, resume=resume, **dec, **overrides) for n in sizes for seed in seeds for mode in modes]
     from mindlink import adaptation as lib           # workers import the function from the library by name
     for r in map_jobs(lib.adapt, runs, jobs, kwargs=True, desc='adaptation runs', threads=threads):
         rows.append(r)

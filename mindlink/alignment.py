@@ -57,9 +57,12 @@ def local_loss(b: torch.Tensor,    # b', fMRI tokens, (N, N_I, d)
     "Eq. 5: symmetric token InfoNCE within each sample, cosine similarity / τ, positives on the diagonal."
     if b.shape != o.shape or b.ndim != 3:
         raise MindLinkError(f'local_loss: b {tuple(b.shape)} and o {tuple(o.shape)} must both be (N, N_I, d)')
-    S = F.normalize(b.float(), dim=-1) @ F.normalize(o.float(), dim=-1).transpose(1, 2) / tau  # (N, N_I, N_I)
-    N, n = S.shape[:2]
-    labels = torch.arange(n, device=S.device).expand(N, n)
-    rows = F.cross_entropy(S.flatten(0, 1), labels.flatten())                   # fMRI token j vs all o_k
-    cols = F.cross_entropy(S.transpose(1, 2).flatten(0, 1), labels.flatten())   # o_j vs all fMRI tokens
-    return (rows + cols) / 2
+    # S and the cross-entropy in float32 even under autocast: autocast would run the matmul in bf16 (a logit step of
+    # 0.0625 near 1/τ = 10), undoing the .float()
+    with torch.autocast(b.device.type, enabled=False):
+        S = F.normalize(b.float(), dim=-1) @ F.normalize(o.float(), dim=-1).transpose(1, 2) / tau  # (N, N_I, N_I)
+        N, n = S.shape[:2]
+        labels = torch.arange(n, device=S.device).expand(N, n)
+        rows = F.cross_entropy(S.flatten(0, 1), labels.flatten())                   # fMRI token j vs all o_k
+        cols = F.cross_entropy(S.transpose(1, 2).flatten(0, 1), labels.flatten())   # o_j vs all fMRI tokens
+        return (rows + cols) / 2

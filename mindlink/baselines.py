@@ -372,9 +372,10 @@ def holdout_score(kind: str, reader, subjects, targets: dict,
 # %% ../nbs/11a_baselines.ipynb #6863b565
 def parameter_growth(n_voxels: dict,        # subject -> V_s, in the order subjects are added
                      cfg: MindLinkConfig | None = None,   # MindLink's config (default: the tiny preset)
+                     coords=None,                         # the layout's patch coordinates (sizes a per-cell patch embedding)
                      **net_kw) -> pd.DataFrame:           # VoxelMLP options (default: the baselines')
     "Parameters of each baseline and of MindLink for the first 1, 2, ... subjects of `n_voxels`."
-    cfg = cfg or MindLinkConfig.tiny()
+    cfg = (cfg or MindLinkConfig.tiny()).with_grid(coords) if coords is not None else (cfg or MindLinkConfig.tiny())
     net_kw = {**{k: _OPTIONS['mlp'][k] for k in _NET_KEYS}, **net_kw}
     D, subs, rows = cfg.n_tokens * cfg.token_dim, list(n_voxels), []
     count = lambda m: sum(p.numel() for p in m.parameters())

@@ -7,7 +7,7 @@ __all__ = ['COMMANDS', 'make_config', 'cmd_data', 'cmd_train', 'cmd_evaluate', '
            'cmd_bench', 'cmd_experiments', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #63383a4c
-import argparse, inspect, json, sys, time
+import argparse, inspect, json, os, sys, time
 from pathlib import Path
 
 from .utils import BENCH_MODULES, MindLinkError, bench_functions, bench_table, load_json, run_bench, save_json
@@ -56,9 +56,17 @@ def _run(path) -> Path:
     return path
 
 def cmd_data(a):
-    "`mindlink data mini-nsd|info`."
+    "`mindlink data mini-nsd|info|check`."
     from mindlink import data, mininsd
-    if a.what == 'mini-nsd':
+    if a.what == 'check':
+        chk = data.check_nsd(_root(a.root, 'ROOT'), subjects=a.subjects, sessions=a.sessions)
+        print(chk.report())
+        if a.out is not None:
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / 'check.md').write_text(chk.report())
+            (a.out / 'fetch.txt').write_text(''.join(f'{c}\n' for c in chk.fetch_commands()))
+        chk.raise_if_incomplete()
+    elif a.what == 'mini-nsd':
         knobs = {**(mininsd.TINY_MINI_NSD if a.tiny else {}), **dict(a.set)}
         root = mininsd.make_mini_nsd(a.out, seed=a.seed, overwrite=a.overwrite, **knobs)
         print(f'MiniNSD written to {root}')
@@ -75,7 +83,8 @@ def cmd_train(a):
     "`mindlink train`: `mindlink.training.train` with a config from `--preset/--config/--set`."
     from mindlink import training
     cfg = make_config(a.preset, a.config, a.set)
-    kw = dict(subjects=a.subjects, n_train=a.n_train, init_from=a.init_from, resume=a.resume, overwrite=a.overwrite)
+    kw = dict(subjects=a.subjects, n_train=a.n_train, init_from=a.init_from, resume=a.resume, overwrite=a.overwrite,
+              embedder=a.embedder, test_split=a.test_split, micro_batch=a.micro_batch, record_batches=a.record_batches)
     if a.max_steps: kw['max_steps'] = a.max_steps
     if a.device: kw['device'] = a.device
     summary = training.train(cfg, _root(a.data), a.out, **kw)
@@ -88,7 +97,8 @@ def cmd_evaluate(a):
     from mindlink.pipeline import evaluate_run
     run, root = _run(a.run), _root(a.data)
     out = Path(a.out or run / 'evaluation')
-    evaluate_run(run, root, subjects=a.subjects, out=out, weights=a.weights)
+    evaluate_run(run, root, subjects=a.subjects, out=out, weights=a.weights or os.environ.get('MINDLINK_WEIGHTS'), sd=a.sd,
+                 ip_adapter=a.ip_adapter, steps=a.steps, guidance=a.guidance, device=a.device)
     print(f'metrics written to {out}')
 
 def cmd_reconstruct(a):
@@ -96,7 +106,7 @@ def cmd_reconstruct(a):
     from mindlink.pipeline import reconstruct_run
     run, root = _run(a.run), _root(a.data)
     ids, _ = reconstruct_run(run, root, a.out, subject=a.subject, n=a.n, sd=a.sd, ip_adapter=a.ip_adapter,
-                             seed=a.seed, steps=a.steps, guidance=a.guidance)
+                             seed=a.seed, steps=a.steps, guidance=a.guidance, device=a.device)
     print(f'{len(ids)} reconstructions of subject {a.subject} written to {a.out} (reconstructions.npz, reconstructions.png)')
 
 def cmd_adapt(a):
@@ -105,7 +115,8 @@ def cmd_adapt(a):
     import matplotlib.pyplot as plt
     run, root, out = _run(a.run), _root(a.data), Path(a.out)
     modes = ('finetune', 'scratch') if a.mode == 'both' else (a.mode,)
-    df = adaptation.adaptation_study(run, root, out / 'runs', a.subject, a.sizes, a.seeds, a.steps, modes=modes, **dict(a.set))
+    df = adaptation.adaptation_study(run, root, out / 'runs', a.subject, a.sizes, a.seeds, a.steps, modes=modes, sd=a.sd,
+                                     ip_adapter=a.ip_adapter, device=a.device, recon_kw=dict(steps=a.sd_steps), **dict(a.set))
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / 'adaptation.csv', index=False)
     tab = adaptation.adaptation_table(df)
@@ -187,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(m, 'a make_mini_nsd knob (n_train, n_shared, noise, ...)')
     i = dsub.add_parser('info', help='subjects, split sizes and ROI sizes of an NSD-layout folder')
     i.add_argument('root', type=Path)
+    c = dsub.add_parser('check', help='check an NSD download against the published files; list what to fetch')
+    c.add_argument('root', type=Path)
+    c.add_argument('--subjects', type=int, nargs='+', help='subjects to check (default: 1, 2, 5, 7 and any other present)')
+    c.add_argument('--sessions', type=int, help='sessions each subject should have (default: the published counts)')
+    c.add_argument('--out', type=Path, help='also write check.md and fetch.txt (one `aws s3 cp` line per missing file) here')
 
     def data_run(q, run=True, data=True):
         if run: q.add_argument('--run', required=True, type=Path, help='a run folder written by `mindlink train`')
@@ -205,22 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--overwrite', action='store_true', help='start afresh in an --out that holds checkpoints')
     t.add_argument('--max-steps', type=int, help='stop (with a checkpoint) at this step')
     t.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: what Accelerate finds)")
+    t.add_argument('--embedder', default=None, metavar='region-pca|ip-adapter-plus:PATH',
+                   help="the image targets: 'region-pca' (offline, the default) or IP-Adapter Plus from an h94/IP-Adapter folder or hub id")
+    t.add_argument('--test-split', default='shared982', choices=['shared982', 'shared1000'],
+                   help='shared982: sessions 1-37, the 982 test images of MindEye/MindBridge/MindLink; shared1000: all sessions (MindEye2)')
+    t.add_argument('--micro-batch', type=int, help='samples per process per forward pass (default: fitted to the GPU\'s free memory)')
+    t.add_argument('--record-batches', action='store_true', help='write the (subject, image) pairs each process trained on (tests)')
 
     e = sub.add_parser('evaluate', help='score a run on each subject\'s test images')
     data_run(e)
     e.add_argument('--subjects', type=int, nargs='+')
     e.add_argument('--out', type=Path, help='where metrics.json/csv/md go (default RUN/evaluation)')
-    e.add_argument('--weights', type=Path, help='folder of the metric networks\' weights: adds the eight image metrics')
+    e.add_argument('--weights', type=Path, help='folder of the metric networks\' weights (default: $MINDLINK_WEIGHTS): adds the eight image metrics')
+    e.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (needed when the run was trained against IP-Adapter Plus tokens)')
+    e.add_argument('--ip-adapter', help='IP-Adapter folder or hub id (default: the one the run was trained against)')
+    e.add_argument('--steps', type=int, default=50, help='DDIM steps'); e.add_argument('--guidance', type=float, default=7.5)
+    e.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: a GPU when there is one)")
 
     r = sub.add_parser('reconstruct', help='images from a run\'s predicted tokens')
     data_run(r)
     r.add_argument('--out', required=True, type=Path)
     r.add_argument('--subject', type=int, default=1)
     r.add_argument('--n', type=int, default=16, help='test images to reconstruct')
-    r.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (default: the offline decoder)')
-    r.add_argument('--ip-adapter', default='h94/IP-Adapter', help='IP-Adapter folder or hub id (with --sd)')
-    r.add_argument('--steps', type=int, default=50); r.add_argument('--guidance', type=float, default=7.5)
+    r.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (needed when the run was trained against IP-Adapter Plus tokens)')
+    r.add_argument('--ip-adapter', help='IP-Adapter folder or hub id (default: the one the run was trained against)')
+    r.add_argument('--steps', type=int, default=50, help='DDIM steps'); r.add_argument('--guidance', type=float, default=7.5)
     r.add_argument('--seed', type=int, default=0)
+    r.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: a GPU when there is one)")
 
     a = sub.add_parser('adapt', help='a new subject: zero-shot, fine-tuned vs from scratch (Table 3, Fig. 4)')
     data_run(a)
@@ -230,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     a.add_argument('--steps', type=int, default=120, help='optimizer steps of every run (the budget)')
     a.add_argument('--mode', choices=['both', 'finetune', 'scratch'], default='both')
+    a.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (needed when the run was trained against IP-Adapter Plus tokens)')
+    a.add_argument('--ip-adapter', help='IP-Adapter folder or hub id (default: the one the run was trained against)')
+    a.add_argument('--sd-steps', type=int, default=50, help='DDIM steps of the reconstructions that are scored')
+    a.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: a GPU when there is one)")
     _add_set(a)
 
     b = sub.add_parser('bench', help='benchmarks of one area (prints a table)')

@@ -6,10 +6,10 @@
 __all__ = ['METRICS', 'HIGHER_IS_BETTER', 'NETS', 'METRIC_NET', 'pixcorr', 'ssim', 'two_way_identification', 'mean_corr_distance',
            'NetSpec', 'find_weights', 'MetricNet', 'load_metric_net', 'alexnet_metric', 'inception_metric',
            'clip_metric', 'effnet_metric', 'swav_metric', 'evaluate_images', 'retrieval_top1', 'subject_probe_accuracy',
-           'plot_tsne', 'ResultsTable', 'results_table', 'bench_metrics']
+           'plot_tsne', 'ResultsTable', 'results_table', 'write_random_metric_weights', 'bench_metrics']
 
 # %% ../nbs/11_metrics.ipynb #8f20e0b2
-import os, time
+import functools, os, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,23 +47,58 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     "Bilinear (antialiased) resize of the shorter side to `size`, as `torchvision.transforms.Resize(size)`; None = as is."
     return x if size is None else TF.resize(x, [size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
+# %% ../nbs/11_metrics.ipynb #2502f737
+@functools.lru_cache(maxsize=16)
+def _resize_matrices(h: int, w: int, size: int | None) -> tuple:
+    "(R_h, R_w), float64, with `_resize(x, size)` = R_h x R_wᵀ for each (h, w) channel; (None, None) when `_resize` leaves x as it is."
+    if size is None: return None, None
+    oh, ow = _resize(torch.zeros(1, 1, h, w), size).shape[-2:]
+    if (oh, ow) == (h, w): return None, None                     # torchvision returns such images untouched
+    def axis(n, m):   # (m, n): torch's antialiased bilinear weights, read off the n unit vectors laid along the width
+        # (along the height, torch 2.14's antialiased kernel gives wrong values for images one pixel wide)
+        e = torch.eye(n, dtype=torch.float64).view(n, 1, 1, n)
+        return F.interpolate(e, size=(1, m), mode='bilinear', align_corners=False, antialias=True)[:, 0, 0].T.contiguous()
+    return axis(h, oh), axis(w, ow)
+
+def _lin(A_h, x: torch.Tensor, A_w) -> torch.Tensor:
+    "A_h x A_wᵀ over the last two axes of `x` (None = identity)."
+    if A_h is not None: x = A_h.to(x) @ x
+    if A_w is not None: x = x @ A_w.to(x).T
+    return x
+
 # %% ../nbs/11_metrics.ipynb #1785587e
 def _rowwise_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     "Pearson r between row i of `a` and row i of `b`, for every row: (N, D), (N, D) -> (N,)."
     a = a - a.mean(1, keepdim=True); b = b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
 
+def _both_resized(pred: torch.Tensor, true: torch.Tensor, size: int | None) -> tuple:
+    "The resize matrices of `pred` and `true` and their common (height, width) after resizing."
+    Rp, Rt = _resize_matrices(*pred.shape[-2:], size), _resize_matrices(*true.shape[-2:], size)
+    hp, ht = (tuple(n if A is None else len(A) for A, n in zip(R, x.shape[-2:])) for R, x in ((Rp, pred), (Rt, true)))
+    if hp != ht: raise MindLinkError(f'pred and true differ in shape after resizing: {(len(pred), 3, *hp)} vs {(len(true), 3, *ht)}')
+    return Rp, Rt, hp
+
 def pixcorr(pred, true,               # (N, 3, H, W) in [0, 1]: reconstructions, stimuli
             size: int | None = 425,   # both resized to this (shorter side) first; None = as given
-            batch_size: int = 64) -> float:
+            batch_size: int = 32) -> float:
     "Mean pixel-wise Pearson correlation of each reconstruction with its stimulus (MindEye's PixCorr)."
     pred, true = _pair(pred, true)
+    R, Rt, (h, w) = _both_resized(pred, true, size)
+    small = R is Rt and R[0] is not None and 4 * pred[0, 0].numel() <= h * w   # work on the small images
+    if small: G_h, G_w, u_h, u_w = (A.to(pred.device) for A in (R[0].T @ R[0], R[1].T @ R[1], R[0].sum(0), R[1].sum(0)))
+    D = 3 * h * w                                                              # values in one resized image
     r = []
     for i in range(0, len(pred), batch_size):
-        p = _resize(pred[i:i + batch_size], size).flatten(1).double()   # (B, 3·size²)
-        t = _resize(true[i:i + batch_size], size).flatten(1).double()
-        if p.shape != t.shape: raise MindLinkError(f'pred and true differ in shape after resizing: {tuple(p.shape)} vs {tuple(t.shape)}')
-        r.append(_rowwise_corr(p, t))
+        x, y = pred[i:i + batch_size], true[i:i + batch_size]
+        if not small:   # as written: resize (in the images' own dtype), flatten, correlate
+            r.append(_rowwise_corr(_resize(x, size).flatten(1).double(), _resize(y, size).flatten(1).double())); continue
+        x, y = x.double(), y.double()
+        x, y = x - x.mean((1, 2, 3), keepdim=True), y - y.mean((1, 2, 3), keepdim=True)
+        sx, sy = (torch.einsum('h,bchw,w->b', u_h, z, u_w) for z in (x, y))     # Σ_p x'_p, Σ_p y'_p
+        Gy = G_h @ y @ G_w
+        dot = lambda a, b: (a * b).sum((1, 2, 3))
+        r.append((dot(x, Gy) - sx * sy / D) / ((dot(x, G_h @ x @ G_w) - sx * sx / D) * (dot(y, Gy) - sy * sy / D)).sqrt())
     return torch.cat(r).mean().item()
 
 # %% ../nbs/11_metrics.ipynb #3501bb5b
@@ -76,36 +111,54 @@ def _gaussian_kernel(sigma: float, truncate: float = 3.5) -> torch.Tensor:
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
 
+def _valid_blur_matrix(n: int, k: torch.Tensor) -> torch.Tensor:
+    "K, (n - len(k) + 1, n): the 'valid' correlation with kernel `k` along one axis of length n."
+    m = n - len(k) + 1
+    return torch.zeros(m, n, dtype=k.dtype).scatter_(1, torch.arange(m)[:, None] + torch.arange(len(k)), k.expand(m, -1))
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    "(B, 3, H, W) RGB -> (B, 1, H, W) float64 luma."
-    return (x.double() * torch.tensor(_LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    "(B, 3, H, W) RGB -> (B, H, W) float64 luma."
+    return torch.einsum('bchw,c->bhw', x.double(), torch.tensor(_LUMA, dtype=torch.float64, device=x.device))
+
+def _sum_diff(A_p: tuple, A_t: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "[A_p(x) + A_t(y); A_p(x) - A_t(y)] with A(x) = A_h x A_wᵀ, (2B, ...); formed on the small images when A_p is A_t."
+    if A_p is A_t: return _lin(A_p[0], torch.cat([x + y, x - y]), A_p[1])
+    a, b = _lin(A_p[0], x, A_p[1]), _lin(A_t[0], y, A_t[1])
+    return torch.cat([a + b, a - b])
 
 def ssim(pred, true,                 # (N, 3, H, W) in [0, 1]
          size: int | None = 425,     # both resized to this first; None = as given
          sigma: float = 1.5,         # Gaussian window σ
          data_range: float = 1.0,    # R
-         batch_size: int = 32) -> float:
+         batch_size: int = 8,        # pairs per batch (about 10 MB of 425² float32 maps per pair)
+         dtype=torch.float32) -> float:  # float64: the same arithmetic, about 4× slower, equal to skimage to 1e-10
     "Mean grayscale Gaussian SSIM over image pairs (equals skimage's `structural_similarity`, MindEye's settings)."
     pred, true = _pair(pred, true)
-    k = _gaussian_kernel(sigma)
+    Rp, Rt, hw = _both_resized(pred, true, size)
+    k = _gaussian_kernel(sigma); n = len(k)
+    if min(hw) < n: raise MindLinkError(f'images must be at least {n} pixels on a side for SSIM, got {hw}')
     C1, C2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    def blur(z):  # separable 'valid' filter as shifted sums (float64 conv2d is slow on CPU): (M, 1, H, W) -> (M, 1, H-2r, W-2r)
-        for dim in (-1, -2):
-            n = z.shape[dim] - len(k) + 1
-            acc = z.narrow(dim, 0, n) * k[0].item()
-            for t in range(1, len(k)): acc.add_(z.narrow(dim, t, n), alpha=k[t].item())
-            z = acc
-        return z
+    dev = pred.device
+    cast = lambda R: tuple(None if A is None else A.to(dev, dtype) for A in R)
+    blurred = lambda R: tuple(_valid_blur_matrix(m, k) if A is None else _valid_blur_matrix(m, k) @ A for A, m in zip(R, hw))   # K R
+    Rp_, Mp = cast(Rp), cast(blurred(Rp))
+    Rt_, Mt = (Rp_, Mp) if Rt is Rp else (cast(Rt), cast(blurred(Rt)))
+    k = k.to(dev, dtype)
     out = []
     for i in range(0, len(pred), batch_size):
-        x, y = _gray(_resize(pred[i:i + batch_size], size)), _gray(_resize(true[i:i + batch_size], size))
-        if x.shape != y.shape: raise MindLinkError(f'pred and true differ in shape after resizing: {tuple(x.shape)} vs {tuple(y.shape)}')
-        if min(x.shape[-2:]) < len(k): raise MindLinkError(f'images must be at least {len(k)} pixels on a side for SSIM, got {tuple(x.shape[-2:])}')
+        x, y = _gray(pred[i:i + batch_size]), _gray(true[i:i + batch_size])          # (B, H, W) float64
         B = len(x)
-        mx, my, xx, yy, xy = blur(torch.cat([x, y, x * x, y * y, x * y])).split(B)
-        vx, vy, vxy = xx - mx * mx, yy - my * my, xy - mx * my   # population (co)variances
-        S = (2 * mx * my + C1) * (2 * vxy + C2) / ((mx ** 2 + my ** 2 + C1) * (vx + vy + C2))
-        out.append(S.mean((1, 2, 3)))
+        c_x, c_y = x.mean((1, 2), keepdim=True), y.mean((1, 2), keepdim=True)      # centring keeps float32's digits
+        x, y = (x - c_x).to(dtype), (y - c_y).to(dtype)
+        mu = _sum_diff(Mp, Mt, x, y)                                               # μ_s, μ_d less their shifts c_x ± c_y, (2B, h-10, w-10)
+        sq = _sum_diff(Rp_, Rt_, x, y).square_()                                   # (s - c_x - c_y)², (d - c_x + c_y)² at full size, (2B, h, w)
+        w_v, w_h = (k.view(shape).expand(2 * B, 1, *shape[2:]).contiguous() for shape in ((1, 1, n, 1), (1, 1, 1, n)))
+        var = F.conv2d(F.conv2d(sq[None], w_v, groups=2 * B), w_h, groups=2 * B)[0]  # their local means
+        var.addcmul_(mu, mu, value=-1)                                             # [σ_s²; σ_d²]
+        v_s, v_d = var.split(B); m_s, m_d = mu.split(B)
+        m_s.add_((c_x + c_y).to(dtype)).square_(); m_d.add_((c_x - c_y).to(dtype)).square_()   # μ_s², μ_d²
+        S = (m_s - m_d + 2 * C1).mul_(v_s - v_d + 2 * C2).div_((m_s + m_d + 2 * C1).mul_(v_s + v_d + 2 * C2))
+        out.append(S.sum((1, 2), dtype=torch.float64) / S[0].numel())
     return torch.cat(out).mean().item()
 
 # %% ../nbs/11_metrics.ipynb #5785f33f
@@ -463,6 +516,29 @@ def results_table(rows,             # dicts with 'method' (+ optional 'group', '
     if path is not None: table.save(path)
     return table
 
+# %% ../nbs/11_metrics.ipynb #46290e37
+def write_random_metric_weights(root, seed: int = 0,
+                                clip_layers: int = 1,     # CLIP ViT-L/14 depth (24 in the real one)
+                                dtype=torch.float16) -> Path:
+    "Write the five metric networks' weight files, real architectures with random weights, in the layout `find_weights` reads."
+    import torchvision.models as tvm
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    half = lambda m: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+    def save(sd, name):
+        with atomic_write(root / name) as f: torch.save(sd, f)
+    save(half(tvm.alexnet(weights=None)), NETS['alexnet'].file)
+    save(half(tvm.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)), NETS['inception'].file)
+    save(half(tvm.efficientnet_b1(weights=None)), NETS['effnet'].file)
+    swav = {f'module.{k}': v for k, v in half(tvm.resnet50(weights=None)).items() if not k.startswith('fc.')}
+    swav.update({'module.projection_head.0.weight': torch.zeros(8, 2048, dtype=dtype), 'module.prototypes.weight': torch.zeros(16, 8, dtype=dtype)})
+    save({'epoch': 800, 'state_dict': swav}, NETS['swav'].file)   # SwAV's own checkpoint layout
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=clip_layers,
+                                                          num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768))
+    with hf_progress(): clip.save_pretrained(root / NETS['clip'].file)
+    return root
+
 # %% ../nbs/11_metrics.ipynb #0c845bd7
 class _Clock:
     "Wall and CPU (process) seconds of a block; CPU time stays meaningful on a shared, busy machine."
@@ -475,8 +551,17 @@ def bench_metrics(n: int = 982,                  # image pairs (NSD's shared tes
                   feat_dim: int = 768,           # feature width for that timing (CLIP ViT-L/14: 768)
                   n_net: int | None = 32,        # pairs actually run through each network (None = n)
                   nets=tuple(NETS),              # networks to time
-                  device=None, batch_size: int = 32, seed: int = 0) -> dict:
+                  device=None, batch_size: int = 32, seed: int = 0,
+                  threads: int | None = None     # torch CPU threads for the run (default: torch's current setting)
+                  ) -> dict:
     "Seconds (wall `_s`, CPU `_cpu_s`) per metric for `n` pairs (random-initialised networks) and for two-way identification at each N in `sizes`."
+    old_threads = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try: return _bench_metrics(n, size, sizes, feat_dim, n_net, nets, device, batch_size, seed)
+    finally: torch.set_num_threads(old_threads)
+
+def _bench_metrics(n, size, sizes, feat_dim, n_net, nets, device, batch_size, seed) -> dict:
+    "The body of `bench_metrics`, with the thread count already set."
     g = torch.Generator().manual_seed(seed)
     true = torch.rand(n, 3, size, size, generator=g)
     pred = (true + 0.2 * torch.randn(true.shape, generator=g)).clamp(0, 1)

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'QUICK_TRAIN', 'QUICK_BASELINES', 'SubjectScore', 'score_tokens', 'score_subject',
            'BaselineScore', 'score_baseline', 'score_baselines', 'demo_config', 'loss_curves', 'pretrained_store',
-           'test_embeddings', 'FitResult', 'train_and_score', 'PipelineResult', 'run_pipeline', 'evaluate_run',
-           'reconstruct_run']
+           'run_decoder', 'test_embeddings', 'FitResult', 'train_and_score', 'PipelineResult', 'run_pipeline',
+           'evaluate_run', 'reconstruct_run']
 
 # %% ../nbs/11b_pipeline.ipynb #063e05bc
 import multiprocessing as mp, os, time
@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .utils import MindLinkError, load_json, save_json, savefig, worker_threads
+from .utils import MindLinkError, get_device, load_json, save_json, savefig, worker_threads
 from .data import NSDReader
 from .mininsd import make_mini_nsd
 from .patching import PatchStore
-from .embeddings import RegionPCAEmbedder, embed_stimuli, images_to_tensor, stack_tokens
+from .embeddings import RegionPCAEmbedder, embed_stimuli, images_to_tensor, load_embedder, stack_tokens
 from .reconstruction import SDReconstructor, make_reconstructor, plot_reconstructions
 from .metrics import (evaluate_images, pixcorr, plot_tsne, results_table, retrieval_top1, ssim,
                               two_way_identification)
@@ -43,14 +43,15 @@ class SubjectScore:
 
 def score_tokens(pred,                 # b', (n, N_I, d): tokens predicted for the images `image_ids`
                  image_ids, targets: dict, reader, decoder,
-                 subject: int) -> SubjectScore:
+                 subject: int,
+                 recon_kw: dict | None = None) -> SubjectScore:  # options of `decoder.reconstruct` (steps, guidance, ...)
     "Reconstruct tokens `pred` predicted for `subject`'s `image_ids`, and score retrieval, two-way identification, PixCorr, SSIM."
     ids, pred = np.asarray(image_ids, np.int64), torch.as_tensor(pred, dtype=torch.float32)
     if len(ids) < 2: raise MindLinkError(f'score_tokens: subject {subject} needs at least 2 test images, got {len(ids)}')
     if len(pred) != len(ids): raise MindLinkError(f'score_tokens: {len(pred)} predicted token sets for {len(ids)} image ids')
     true = stack_tokens(targets, ids)                                                                   # z,  (n, N_I, d)
     r = retrieval_top1(pred, true, pool=len(ids))                                                       # one pool of all n
-    recon = decoder.reconstruct(pred)                                                                   # (n, 3, S, S)
+    recon = decoder.reconstruct(pred, **(recon_kw or {}))                                               # (n, 3, S, S)
     stim = images_to_tensor(reader.stimuli(ids), size=recon.shape[-1])
     m = dict(retrieval_top1=r['brain_to_image'], retrieval_image_to_brain=r['image_to_brain'], retrieval_chance=r['chance'],
              two_way_identification=two_way_identification(recon, stim), PixCorr=pixcorr(recon, stim), SSIM=ssim(recon, stim),
@@ -58,12 +59,12 @@ def score_tokens(pred,                 # b', (n, N_I, d): tokens predicted for t
     return SubjectScore(int(subject), m, ids, pred, recon)
 
 def score_subject(model, store, subject: int, image_ids, targets: dict, reader, decoder,
-                  batch_size: int = 64) -> SubjectScore:
+                  batch_size: int = 64, recon_kw: dict | None = None) -> SubjectScore:
     "Predict $b'$ for `subject`'s `image_ids` with `model`, then `score_tokens`."
     ids = np.asarray(image_ids, np.int64)
     if len(ids) < 2: raise MindLinkError(f'score_subject: subject {subject} needs at least 2 test images, got {len(ids)}')
     pred = training.predict_tokens(model, store, subject=subject, image_ids=ids, batch_size=batch_size)  # b', (n, N_I, d)
-    return score_tokens(pred, ids, targets, reader, decoder, subject)
+    return score_tokens(pred, ids, targets, reader, decoder, subject, recon_kw)
 
 # %% ../nbs/11b_pipeline.ipynb #f6078d28
 @dataclass
@@ -136,13 +137,21 @@ def _test_targets(root, reader, embedder, ids):
     "Image tokens z of `ids` (cached next to the data)."
     return embed_stimuli(embedder, reader, ids, cache_dir=Path(root) / 'mindlink_cache' / 'embeddings')
 
-def pretrained_store(root, cfg) -> PatchStore:
-    "The patch store `mindlink.training.train` built for a run with config `cfg` on the data `root`."
-    path = Path(root) / 'mindlink_cache' / f'patches_p{cfg.patch}'
+def pretrained_store(root, cfg, run=None) -> PatchStore:
+    "The patch store `mindlink.training.train` built for a run with config `cfg` on the data `root` (the one run folder `run` records, if given)."
+    rec = training.run_record(run) if run is not None else {}
+    path = Path(root) / 'mindlink_cache' / (Path(rec['store']).name if rec.get('store') else f'patches_p{cfg.patch}')
+    if not (path / 'store.json').exists() and rec.get('store') and (Path(rec['store']) / 'store.json').exists():
+        path = Path(rec['store'])   # a run trained with its cache somewhere else (`cache_dir`)
     if not (path / 'store.json').exists():
         raise MindLinkError(f'{path}: no patch store for patch={cfg.patch}; train the pretrained model on {root} first '
                             f'(mindlink train --data {root} ...)')
     return PatchStore(path)
+
+def run_decoder(run, sd=None, ip_adapter=None, device=None) -> tuple:
+    "`(embedder, decoder)` of a run folder: the image embedder its targets were made with (RUN/embedder), and the decoder that matches it — SD 1.5 at `sd` + the run's IP-Adapter (or `ip_adapter`) for IP-Adapter Plus tokens; a mismatch names both."
+    emb = load_embedder(Path(run) / 'embedder', device)
+    return emb, make_reconstructor(emb, sd, ip_adapter, **({} if device is None else {'device': device}))
 
 def test_embeddings(model, store, subject: int, image_ids) -> torch.Tensor:
     "Encoder embeddings b = E_b(B), `(n, N_I, d_model)`, of `subject`'s images `image_ids`."
@@ -174,18 +183,20 @@ def _train_timed(cfg, data, run_dir, resume: bool, **train_kw):
     return summary, sec
 
 def train_and_score(cfg: MindLinkConfig, root, run_dir, subjects, embedder=None, verbose: bool = False,
-                    device=None,
+                    device=None,           # where to train (default: the CPU, where the MiniNSD presets run best)
                     resume: bool = False,  # continue the run in `run_dir` if it has checkpoints (a finished run is only scored)
+                    sd=None, ip_adapter=None,  # Stable Diffusion (and IP-Adapter) when the targets are IP-Adapter Plus tokens
+                    recon_kw: dict | None = None,  # options of the decoder's `reconstruct` (steps, guidance)
                     **train_kw) -> FitResult:
-    "Train `cfg` on `subjects` of `root` into `run_dir`, then score each subject's test images."
+    "Train `cfg` on `subjects` of `root` into `run_dir`, then score each subject's test images with the run's own embedder."
     subjects, run_dir = [int(s) for s in subjects], Path(run_dir)
     summary, sec = _train_timed(cfg, root, run_dir, resume, subjects=subjects, embedder=embedder,
                                 progress_bar=verbose, device=device or 'cpu', **train_kw)
     reader, model = NSDReader(root), training.load_checkpoint(run_dir).model
-    emb = RegionPCAEmbedder.load(Path(run_dir) / 'embedder')
-    store, decoder, split = pretrained_store(root, cfg), make_reconstructor(emb), reader.split(subjects)
+    emb, decoder = run_decoder(run_dir, sd, ip_adapter)
+    store, split = pretrained_store(root, cfg, run_dir), reader.split(subjects, training.run_record(run_dir)['test_split'])
     targets = _test_targets(root, reader, emb, np.unique(np.concatenate([split[s]['test'] for s in subjects])))
-    scores = {s: score_subject(model, store, s, split[s]['test'], targets, reader, decoder) for s in subjects}
+    scores = {s: score_subject(model, store, s, split[s]['test'], targets, reader, decoder, recon_kw=recon_kw) for s in subjects}
     embeddings = {s: test_embeddings(model, store, s, split[s]['test']) for s in subjects}
     return FitResult(model, cfg, scores, embeddings, summary, sec)
 
@@ -253,11 +264,10 @@ def run_pipeline(out,                     # results folder (created)
     finally:
         if pool is not None: pool.shutdown(cancel_futures=True)
     model, scores, embeddings = fit.model, fit.scores, fit.embeddings
-    reader, embedder = NSDReader(root), RegionPCAEmbedder.load(out / 'run' / 'embedder')
+    reader, (embedder, decoder) = NSDReader(root), run_decoder(out / 'run')
     if jobs and embedder.identity != emb.identity:
         raise MindLinkError(f'{out / "run" / "embedder"}: the run trained on other targets than the baselines were fitted on')
-    decoder = make_reconstructor(embedder)
-    test_ids = reader.split(subjects)[subjects[0]]['test']
+    test_ids = reader.split(subjects, training.run_record(out / 'run')['test_split'])[subjects[0]]['test']
     targets = _test_targets(root, reader, embedder, test_ids)
     oracle = decoder.reconstruct(stack_tokens(targets, test_ids))   # the decoder fed the true z: the ceiling
     stim = images_to_tensor(reader.stimuli(test_ids), size=oracle.shape[-1])
@@ -301,36 +311,51 @@ def run_pipeline(out,                     # results folder (created)
     return PipelineResult(out, metrics, scores, model, cfg, embeddings, files, t, bl)
 
 # %% ../nbs/11b_pipeline.ipynb #0372715c
+def _metric_nets(weights, device) -> dict:
+    "`{net: loaded MetricNet}` from a weights folder; a network that fails to load keeps its path, so that `evaluate_images` reports the error."
+    from mindlink.metrics import NETS, load_metric_net
+    nets = {}
+    for n in NETS:
+        try: nets[n] = load_metric_net(n, weights, device)
+        except MindLinkError: nets[n] = weights
+    return nets
+
 def evaluate_run(run,                 # a run folder written by `mindlink train`
                  root,                # its NSD-layout data root
                  subjects=None,       # default: the run's training subjects
                  out=None,            # where metrics.json/csv/md go (default RUN/evaluation)
                  weights=None,        # folder of the metric networks' weights: adds the eight image metrics
+                 sd=None,             # Stable Diffusion 1.5 folder or hub id: needed when the run's targets are IP-Adapter Plus tokens
+                 ip_adapter=None,     # IP-Adapter folder or hub id (default: the one the run's targets were made with)
+                 steps: int = 50, guidance: float = 7.5,  # DDIM steps and guidance of Stable Diffusion
+                 device=None,         # default: a GPU when there is one
                  verbose: bool = True) -> dict:
-    "Score a run on every subject's test images and write metrics.json/csv/md; returns metrics.json's content."
-    run, root = Path(run), Path(root)
+    "Score a run on every subject's test images with the run's own embedder and decoder; write metrics.json/csv/md and return metrics.json's content."
+    run, root, device = Path(run), Path(root), get_device(device)
     reader = NSDReader(root)
-    ck = training.load_checkpoint(run)
-    subjects = [int(s) for s in (subjects or training.default_subjects(reader, training.as_config(run / 'config.json')))]
-    store = pretrained_store(root, ck.config)
-    emb = RegionPCAEmbedder.load(run / 'embedder')
-    split = reader.split(subjects)
+    ck = training.load_checkpoint(run, device=device)
+    subjects = [int(s) for s in (subjects or training.run_record(run).get('subjects') or
+                                 training.default_subjects(reader, training.as_config(run / 'config.json')))]
+    store = pretrained_store(root, ck.config, run)
+    emb, decoder = run_decoder(run, sd, ip_adapter, device)
+    split = reader.split(subjects, training.run_record(run)['test_split'])
     targets = _test_targets(root, reader, emb, split[subjects[0]]['test'])
-    decoder = make_reconstructor(emb)
     out = Path(out or run / 'evaluation'); rows, per = [], {}
+    if weights and not isinstance(weights, dict): weights = _metric_nets(weights, device)   # each network loaded once, for every subject
     for s in subjects:
         if s not in store.subjects: raise MindLinkError(f'subject {s} is not in the patch store of {run} (it has {store.subjects}); for a new subject use `mindlink adapt`')
-        sc = score_subject(ck.model, store, s, split[s]['test'], targets, reader, decoder)
+        sc = score_subject(ck.model, store, s, split[s]['test'], targets, reader, decoder, recon_kw=dict(steps=steps, guidance=guidance))
         m = dict(sc.metrics)
         if weights:
             stim = images_to_tensor(reader.stimuli(sc.image_ids), size=sc.recon.shape[-1])
-            m.update({k: v for k, v in evaluate_images(sc.recon, stim, weights=weights).items() if k != 'errors'})
+            m.update({k: v for k, v in evaluate_images(sc.recon, stim, weights=weights, device=device).items() if k != 'errors'})
         per[f'subj{s:02d}'] = m
         rows.append(dict(method=run.name, subject=f'subj{s:02d}', **{k: v for k, v in m.items()}))
         _say(verbose, f'  subj{s:02d}: retrieval top-1 {m["retrieval_top1"]:.1%} (chance {m["retrieval_chance"]:.1%}), '
                       f'two-way identification {m["two_way_identification"]:.1%}, PixCorr {m["PixCorr"]:.3f}, SSIM {m["SSIM"]:.3f}')
-    keys = ('retrieval_top1', 'retrieval_chance', 'two_way_identification', 'PixCorr', 'SSIM')
-    metrics = {**{k: sum(per[p][k] for p in per) / len(per) for k in keys}, 'per_subject': per}
+    keys = [k for k in per[f'subj{subjects[0]:02d}'] if k != 'n_test' and all(k in m for m in per.values())]
+    metrics = {**{k: float(np.mean([per[p][k] for p in per])) for k in keys}, 'per_subject': per,
+               'test_split': training.run_record(run)['test_split'], 'embedder': getattr(emb, 'weights_identity', getattr(emb, 'identity', None))}
     save_json(metrics, out / 'metrics.json')
     results_table(rows, path=out / 'metrics')
     return metrics
@@ -338,20 +363,21 @@ def evaluate_run(run,                 # a run folder written by `mindlink train`
 def reconstruct_run(run, root, out,
                     subject: int = 1,    # a training subject, or a new one (cut into the run's patch layout)
                     n: int = 16,         # test images to reconstruct
-                    sd=None,             # Stable Diffusion 1.5 folder or hub id (default: the offline decoder)
-                    ip_adapter='h94/IP-Adapter',  # IP-Adapter folder or hub id (with `sd`)
-                    seed: int = 0, steps: int = 50, guidance: float = 7.5) -> tuple:
-    "`(image_ids, reconstructions)` of `subject`'s first `n` test images from a run's predicted tokens; writes reconstructions.npz/png to `out`."
+                    sd=None,             # Stable Diffusion 1.5 folder or hub id (needed for IP-Adapter Plus targets)
+                    ip_adapter=None,     # IP-Adapter folder or hub id (default: the one the run's targets were made with)
+                    seed: int = 0, steps: int = 50, guidance: float = 7.5,
+                    device=None) -> tuple:
+    "`(image_ids, reconstructions)` of `subject`'s first `n` test images from a run's predicted tokens, through the decoder that matches the run's embedder; writes reconstructions.npz/png to `out`."
     from mindlink.adaptation import new_subject_store   # the adaptation module builds on this one
-    run, root = Path(run), Path(root)
-    reader, ck = NSDReader(root), training.load_checkpoint(run)
-    store = pretrained_store(root, ck.config)
+    run, root, device = Path(run), Path(root), get_device(device)
+    reader, ck = NSDReader(root), training.load_checkpoint(run, device=device)
+    split_name = training.run_record(run)['test_split']
+    _, decoder = run_decoder(run, sd, ip_adapter, device)   # before any work: a mismatch fails at once
+    store = pretrained_store(root, ck.config, run)
     if subject not in store.subjects:
-        store, _ = new_subject_store(root, subject, store)
-    ids = reader.split([subject])[subject]['test'][:n]
+        store, _ = new_subject_store(root, subject, store, split_name)
+    ids = reader.split([subject], split_name)[subject]['test'][:n]
     pred = training.predict_tokens(ck.model, store, subject=subject, image_ids=ids)
-    if sd: decoder = SDReconstructor.from_pretrained(sd, ip_adapter)
-    else: decoder = make_reconstructor(RegionPCAEmbedder.load(run / 'embedder'))
     recon = decoder.reconstruct(pred, seed=seed, steps=steps, guidance=guidance)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     img = (recon.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

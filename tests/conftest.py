@@ -1,4 +1,4 @@
-"Shared pytest fixtures: a small MiniNSD made once per test session (mindlink.mininsd, nbs/01a_mininsd.ipynb)."
+"Shared pytest fixtures: a small MiniNSD (mindlink.mininsd) and the full-scale rehearsal's inputs, each made once per test session."
 import os
 
 import pytest
@@ -34,3 +34,18 @@ def tiny(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; run by `mindlink bench gpu` (pytest -m cuda), skipped elsewhere')
+
+
+@pytest.fixture(scope='session')
+def fullscale(tmp_path_factory):
+    """The full-scale path's inputs at their real shapes, written once per test session (see tests/test_fullscale.py):
+    `root`: NSD at its published geometry (subjects 1, 2, 5, 7; one 750-trial session each at the func1pt8mm grid,
+    nsdgeneral of the published size, NSD-shaped design and imgBrick; 4 shared + 8 own images shown), `sd` and
+    `ip_adapter`: SD 1.5 + IP-Adapter Plus folders in the real layout (tokens 16 x 768, ViT-H width, 512 px, cut depth),
+    `metric_weights`: the five metric networks in MINDLINK_WEIGHTS's layout (real architectures, random weights)."""
+    from mindlink.data import make_nsd_rehearsal
+    from mindlink.metrics import write_random_metric_weights
+    from mindlink.reconstruction import build_sd_ip_adapter
+    base = tmp_path_factory.mktemp('fullscale')
+    return dict(root=make_nsd_rehearsal(base / 'nsd'), **build_sd_ip_adapter(base / 'weights', 'rehearsal'),
+                metric_weights=write_random_metric_weights(base / 'metric_weights'))

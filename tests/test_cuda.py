@@ -46,7 +46,7 @@ def test_training_step_never_waits_for_the_gpu(data, tmp_path):
 def test_compiled_model_matches_eager_with_one_graph_per_phase():
     import torch._dynamo, torch._inductor.config
     torch._dynamo.reset()
-    cfg = MindLinkConfig.tiny()
+    cfg = MindLinkConfig.tiny(pos_grid=(3, 3, 3))   # _inputs' grid
     torch.manual_seed(0); model = MindLink(cfg).cuda().train()
     B, coords, s, z = _inputs(cfg)
     alpha = torch.tensor(0.3, device='cuda')
@@ -83,7 +83,7 @@ def test_gpu_batch_paths():
 
 
 def test_predict_on_gpu_matches_cpu():
-    cfg = MindLinkConfig.tiny()
+    cfg = MindLinkConfig.tiny(pos_grid=(3, 3, 3))   # _inputs' grid
     torch.manual_seed(0); model = MindLink(cfg).eval()
     B, coords, _, _ = _inputs(cfg, device='cpu')
     cpu = model.predict(B, coords)

@@ -14,6 +14,7 @@ from skimage.metrics import structural_similarity
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from mindlink.metrics import _lin, _resize_matrices
 from mindlink.metrics import (METRICS, NETS, MetricNet, alexnet_metric, bench_metrics, clip_metric, effnet_metric,
                               evaluate_images, find_weights, inception_metric, load_metric_net, mean_corr_distance,
                               pixcorr, plot_tsne, results_table, retrieval_top1, ssim, subject_probe_accuracy,
@@ -42,7 +43,8 @@ def degrade(x, seed=0):
 
 
 def resize425(x):
-    return TF.resize(x, [425], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    "The reference resize: torchvision's, in float64 (so that the references carry no float32 rounding)."
+    return TF.resize(x.double(), [425], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 # ---- independent references -------------------------------------------------------------------
@@ -78,13 +80,43 @@ def image_pair(kind, seed, shape):
 @pytest.mark.parametrize('kind', ['random', 'photos'])
 def test_ssim_equals_skimage(kind):
     p, t = image_pair(kind, seed=1, shape=(4, 3, 37, 29))
-    assert ssim(p, t, size=None, batch_size=3) == pytest.approx(sk_ssim(p, t), abs=1e-10)
+    assert ssim(p, t, size=None, batch_size=3, dtype=torch.float64) == pytest.approx(sk_ssim(p, t), abs=1e-10)
+    assert ssim(p, t, size=None, batch_size=3) == pytest.approx(sk_ssim(p, t), abs=1e-6)   # float32, the default
 
 
 def test_ssim_pixcorr_at_425_equal_references():
     t = photos(48)[:3]; p = degrade(t)
-    assert ssim(p, t) == pytest.approx(sk_ssim(resize425(p), resize425(t)), abs=1e-10)
+    assert ssim(p, t, dtype=torch.float64) == pytest.approx(sk_ssim(resize425(p), resize425(t)), abs=1e-10)
+    assert ssim(p, t) == pytest.approx(sk_ssim(resize425(p), resize425(t)), abs=1e-6)
     assert pixcorr(p, t) == pytest.approx(np_pixcorr(resize425(p), resize425(t)), abs=1e-10)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 64, 64), (2, 3, 23, 31), (2, 3, 600, 500), (2, 3, 300, 300)])
+def test_resize_matrices_equal_torchvision(shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    R_h, R_w = _resize_matrices(*shape[-2:], 425)
+    np.testing.assert_allclose(_lin(R_h, x, R_w).numpy(), resize425(x).numpy(), atol=1e-12)
+
+
+def test_low_level_metrics_on_larger_and_mixed_sizes():
+    # 300 px: PixCorr resizes (float32, as given) and correlates; 64 against 425 px: each image is resized on its own
+    r32 = lambda x: TF.resize(x, [425], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    t = photos(300)[:3]; p = degrade(t)
+    assert pixcorr(p, t) == pytest.approx(np_pixcorr(r32(p), r32(t)), abs=1e-10)
+    assert ssim(p, t, dtype=torch.float64) == pytest.approx(sk_ssim(resize425(p), resize425(t)), abs=1e-10)
+    small, big = degrade(photos(64)[:3]), r32(photos(64)[:3])
+    assert pixcorr(small, big) == pytest.approx(np_pixcorr(r32(small), big), abs=1e-10)
+    assert ssim(small, big, dtype=torch.float64) == pytest.approx(sk_ssim(resize425(small), big), abs=1e-10)
+
+
+def test_float32_ssim_stays_close_to_skimage_on_photos():
+    # float32 is the default; the worst pairs are flat images against a photo with large flat regions
+    t = photos(64, PHOTOS + ['horse', 'text', 'checkerboard', 'logo']).clamp(0, 1)
+    blocks = 0.4 + 0.2 * torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(t, 16), scale_factor=16, mode='nearest')
+    for p, tol in [(degrade(t), 1e-6), (t[torch.roll(torch.arange(len(t)), 1)], 1e-6), (blocks.roll(1, 0), 1e-5)]:
+        ours = np.array([ssim(p[i:i + 1], t[i:i + 1]) for i in range(len(t))])
+        ref = np.array([sk_ssim(resize425(p[i:i + 1]), resize425(t[i:i + 1])) for i in range(len(t))])
+        assert np.abs(ours - ref).max() < tol
 
 
 @pytest.mark.parametrize('kind', ['random', 'photos'])
@@ -96,7 +128,7 @@ def test_pixcorr_equals_numpy_pearson(kind):
 def test_identical_inputs_score_perfectly():
     t = photos(32)
     assert pixcorr(t, t) == pytest.approx(1.0, abs=1e-12)
-    assert ssim(t, t) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(t, t) == 1.0
     assert two_way_identification(t, t) == 1.0
     assert mean_corr_distance(t, t) == pytest.approx(0.0, abs=1e-12)
 
@@ -152,6 +184,8 @@ def test_bad_inputs_raise_clear_errors():
     bad = x.clone(); bad[0, 0, 0, 0] = float('nan')
     with pytest.raises(MindLinkError, match='NaN'): pixcorr(bad, x)
     with pytest.raises(MindLinkError, match='at least 11'): ssim(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), size=None)
+    for f in (pixcorr, ssim):
+        with pytest.raises(MindLinkError, match='differ in shape after resizing'): f(torch.rand(2, 3, 20, 30), torch.rand(2, 3, 20, 20))
     with pytest.raises(MindLinkError, match='same shape'): two_way_identification(torch.randn(4, 3), torch.randn(4, 5))
     with pytest.raises(MindLinkError, match='unknown metrics'): evaluate_images(x, x, metrics=['FID'])
     with pytest.raises(MindLinkError, match='unknown metric network'): load_metric_net('vgg16')
@@ -338,6 +372,7 @@ def test_real_weights(net):
 
 # ---- benchmark ---------------------------------------------------------------------------------
 def test_bench_metrics_small():
-    b = bench_metrics(n=6, size=48, sizes=(50,), n_net=3, nets=('alexnet',))
-    assert b['networks_extrapolated'] and b['n'] == 6
+    threads = torch.get_num_threads()
+    b = bench_metrics(n=6, size=48, sizes=(50,), n_net=3, nets=('alexnet',), threads=1)
+    assert b['networks_extrapolated'] and b['n'] == 6 and b['threads'] == 1 and torch.get_num_threads() == threads
     for k in ('PixCorr_s', 'SSIM_s', 'alexnet_s', 'two_way_N50_s', 'total_s'): assert b[k] >= 0

@@ -85,14 +85,18 @@ def test_missing_weights_and_bad_tokens(tiny, rec, tmp_path):
     with pytest.raises(MindLinkError, match='NaN'): rec.reconstruct(torch.full((1, 16, 32), float('nan')))
 
 
-def test_region_pca_decoder_interface(tmp_path):
+def test_region_pca_decoder_interface(tmp_path, tiny):
     imgs = _images(40)
     pca = RegionPCAEmbedder(dim=32, size=32).fit(imgs)
     dec = make_reconstructor(pca)
     assert isinstance(dec, RegionPCADecoder) and (dec.n_tokens, dec.dim) == (16, 32)
     x = dec.reconstruct(pca.embed(imgs[:5]), seed=3, steps=50, guidance=7.5, batch_size=2)
     assert x.shape == (5, 3, 32, 32) and torch.equal(x, pca.decode(pca.embed(imgs[:5])))
-    with pytest.raises(MindLinkError, match='needs sd_path'): make_reconstructor(object())
+    with pytest.raises(MindLinkError, match='no decoder for object'): make_reconstructor(object())
+    # tokens and decoder of different embedders: an error naming both sides
+    with pytest.raises(MindLinkError, match=f"region-PCA tokens .*cannot drive Stable Diffusion.*{tiny['sd']}"): make_reconstructor(pca, tiny['sd'])
+    ip = IPAdapterPlusEmbedder.from_pretrained(tiny['ip_adapter'])
+    with pytest.raises(MindLinkError, match='IP-Adapter Plus tokens from .*ip-adapter-plus_sd15.safetensors.*pass sd_path'): make_reconstructor(ip)
 
 
 def test_plot_reconstructions(tmp_path):

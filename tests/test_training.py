@@ -11,6 +11,7 @@ from mindlink.training import (as_config, bench_train, load_checkpoint, load_wei
 from mindlink.utils import MindLinkError, load_safetensors
 
 CFG = dict(batch_size=16, epochs=3, warmup_epochs=1, lr=2e-3, log_every=2, eval_every=1, ckpt_every=1, dropout=0.1)
+TINY_P = MindLinkConfig.tiny().patch
 
 
 @pytest.fixture(scope='module')
@@ -65,36 +66,33 @@ def test_sigterm_saves_then_resume_is_exact(mini_nsd_root, cfg, full_run, tmp_pa
     assert _same(_weights(tmp_path), _weights(full))
 
 
-def test_two_processes_train_as_one(mini_nsd_root, tmp_path):
-    script = tmp_path / 'ddp.py'
-    script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        from mindlink.model import MindLinkConfig
-        from mindlink.training import Trainer, prepare_data
-        from mindlink.utils import save_safetensors
-        cfg = MindLinkConfig.tiny(**{CFG!r})
-        data = prepare_data(cfg, {str(mini_nsd_root)!r})
-        tr = Trainer(cfg, data, sys.argv[1], device='cpu', progress_bar=False, record_batches=True)
-        s = tr.fit()
-        assert s['world_size'] == 2 and tr.micro == cfg.batch_size // 2, s
-        save_safetensors(tr.acc.unwrap_model(tr.model).state_dict(), f'{{sys.argv[1]}}/weights_rank{{tr.acc.process_index}}.safetensors')
-    """))
-    out = tmp_path / 'run'
-    # prepare the cache once so that the two ranks only read it
-    from mindlink.training import prepare_data
-    data = prepare_data(MindLinkConfig.tiny(**CFG), mini_nsd_root)
+def test_two_processes_one_preparation(mini_nsd_root, full_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m mindlink.cli train --overwrite` on a data root whose cache is empty, into a run
+    folder that holds another run's checkpoints, with nothing prepared here: the main process builds the patch store,
+    fits the embedder and embeds the stimuli, the other only reads them; both ranks end with identical weights."""
+    from mindlink.mininsd import TINY_MINI_NSD, make_mini_nsd
+    root = make_mini_nsd(tmp_path / 'mini', seed=0, show_progress=False, **TINY_MINI_NSD)
+    assert not (root / 'mindlink_cache').exists()
+    out = tmp_path / 'run'; shutil.copytree(full_run[1], out)                       # an existing run, to be overwritten
+    argv = ['train', '--data', str(root), '--out', str(out), '--preset', 'tiny', '--overwrite', '--device', 'cpu', '--record-batches',
+            *[x for k, v in CFG.items() for x in ('--set', f'{k}={v}')]]
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
-                        str(script), str(out)], capture_output=True, text=True, timeout=240,
+                        '-m', 'mindlink.cli', *argv], capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'MINDLINK_NO_PROGRESS': '1', 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    w0, _ = load_safetensors(out / 'weights_rank0.safetensors'); w1, _ = load_safetensors(out / 'weights_rank1.safetensors')
-    assert _same(w0, w1)                                                                 # identical weights
-    seen = [json.loads((out / f'seen_rank{r}.json').read_text()) for r in range(2)]
-    B, n = CFG['batch_size'], len(data.train)
+    state = verify_checkpoint(out)
+    assert state['world_size'] == 2 and state['micro_batch'] == CFG['batch_size'] // 2
+    digests = state['weights_sha1_per_rank']
+    assert len(digests) == 2 and digests[0] == digests[1]                           # identical weights on both ranks
+    # one preparation: one store (complete, no partial files), one embedder fit, one embedding file
+    cache = root / 'mindlink_cache'
+    assert sorted(p.name for p in cache.iterdir()) == ['embedder_regionpca_n16_d64_subj1-2-3-4', 'embeddings', f'patches_p{TINY_P}']
+    assert not list(cache.rglob('*.partial.npy')) and not list(cache.rglob('progress.json')) and len(list((cache / 'embeddings').iterdir())) == 1
+    seen = [json.loads((out / f'seen_rank{k}.json').read_text()) for k in range(2)]
+    B = CFG['batch_size']
     for epoch in range(CFG['epochs']):
         s0, s1 = ({tuple(x[1:]) for x in s if x[0] == epoch} for s in seen)
-        assert len(s0) == len(s1) == (n // B) * B // 2                                   # half a global batch each step
-        assert not s0 & s1                                                               # disjoint data
+        assert len(s0) == len(s1) == state['total_steps'] // CFG['epochs'] * B // 2 and not s0 & s1   # half a global batch each step, disjoint
 
 
 def test_bad_config_and_checkpoints(mini_nsd_root, cfg, full_run, tmp_path):
@@ -142,6 +140,38 @@ def test_bench_train_tiny():
     r = bench_train('tiny', batch_size=4, n_patches=16, steps=2, warmup=1)
     assert r['samples_per_s'] > 0 and r['achieved_tflops'] > 0 and r['mfu'] is None and r['peak_mem_gb'] > 0
     with pytest.raises(MindLinkError, match='preset'): bench_train('huge')
+
+
+def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
+    "The trainer's cut of a step on a GPU, with the free memory mocked: the micro-batch follows the memory, accumulation keeps B."
+    from types import SimpleNamespace
+    from mindlink import training
+    from mindlink.model import MindLink
+    cfg = MindLinkConfig.tiny(batch_size=64)
+    data = training.prepare_data(cfg, mini_nsd_root)
+    mib = 2**20
+    est = {False: dict(per_sample=10 * mib, fixed=0), True: dict(per_sample=2 * mib, fixed=0)}
+    monkeypatch.setattr(training, 'activation_estimate', lambda c, L, dtype=None: est[c.grad_checkpointing])
+    trainer = SimpleNamespace(cfg=cfg, data=data, module=MindLink(cfg), precision='bf16', device=torch.device('cuda', 0),
+                              acc=SimpleNamespace(num_processes=1))
+    def plan(free, micro_batch=None, preload=False):
+        monkeypatch.setattr(training, 'device_free_bytes', lambda d: free)
+        p = training.Trainer._plan_memory(trainer, micro_batch, preload)
+        assert p.micro_batch * p.accum == 64
+        return p.micro_batch, p.accum, p.grad_checkpointing
+    states = 16 * sum(p.numel() for p in trainer.module.parameters())          # fp32 weights, gradients, AdamW moments
+    free = lambda room: int((states + room) / 0.85)                           # free memory that leaves `room` for activations
+    assert plan(2**30) == (64, 1, False)
+    assert plan(free(170 * mib)) == (16, 4, False)                          # 170 MiB / 10 MiB per sample: 17, so 16
+    assert plan(free(9 * mib)) == (4, 16, True)                             # not one sample without recomputation: checkpointing
+    assert plan(2**30, micro_batch=8) == (8, 8, False)           # --micro-batch wins
+    item = data.train[0]; held = training._stored_dtype(data.train, item)      # preloaded as stored (float16 patches)
+    nbytes = len(data.train) * sum(torch.as_tensor(v).numel() * (held.itemsize if k == 'patches' else torch.as_tensor(v).element_size())
+                                   for k, v in item.items())
+    room = 160 * mib + nbytes // 2                                            # 16 samples fit, not 16 and the training set
+    assert (plan(free(room))[0], plan(free(room), preload=True)[0], plan(free(room + nbytes), preload=True)[0]) == (16, 8, 16)
+    with pytest.raises(MindLinkError, match='does not fit on this device'): plan(free(mib))
+    with pytest.raises(MindLinkError, match='expected a divisor of the batch per process'): plan(2**30, micro_batch=48)
 
 
 def test_bench_step_halves_the_micro_batch_on_out_of_memory(monkeypatch):
