@@ -149,6 +149,7 @@ def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
     from mindlink.model import MindLink
     cfg = MindLinkConfig.tiny(batch_size=64)
     data = training.prepare_data(cfg, mini_nsd_root)
+    cfg = cfg.with_grid(data.coords)
     mib = 2**20
     est = {False: dict(per_sample=10 * mib, fixed=0), True: dict(per_sample=2 * mib, fixed=0)}
     monkeypatch.setattr(training, 'activation_estimate', lambda c, L, dtype=None: est[c.grad_checkpointing])
