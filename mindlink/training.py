@@ -1253,7 +1253,7 @@ def _embeddings(model, data: TrainData, batch_size: int = 256):
 
 def adversary_check(model,                 # a trained MindLink (its encoder is frozen here)
                     data: TrainData,       # training set (S_c and probe fit) and held-out sets (accuracy)
-                    steps: int = 400, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                    steps: int = 1500, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                     pool: str | None = None) -> dict:   # S_c's pooling (default: the model's config)
     "Held-out subject accuracy of a fresh S_c trained on frozen embeddings with α = 0, and of a fresh linear probe on the same split."
     from sklearn.linear_model import LogisticRegression
