@@ -169,12 +169,12 @@ def cmd_experiments(a):
             kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
                       arms={n: LEARNING_ARMS[n] for n in list(LEARNING_ARMS)[:2]})
         return run_learning_study(a.out, **kw)
-    kw = dict(seeds=tuple(a.seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work, jobs=a.jobs, fresh=a.fresh)
+    kw = dict(seeds=tuple(a.seeds), probe_seeds=tuple(a.probe_seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work, jobs=a.jobs, fresh=a.fresh)
     if a.quick:
         from mindlink.mininsd import TINY_MINI_NSD
         from mindlink.pipeline import QUICK_BASELINES, QUICK_TRAIN, demo_config
         kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN), baseline_options=QUICK_BASELINES,
-                  sizes=tuple(a.sizes or (12, 24)), adapt_steps=4, seeds=tuple(a.seeds)[:1])
+                  sizes=tuple(a.sizes or (12, 24)), adapt_steps=4, seeds=tuple(a.seeds)[:1], probe_seeds=())
     run_experiments(a.out, **kw)
 
 # %% ../nbs/14_cli.ipynb #0af97ba0
@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--out', required=True, type=Path)
     x.add_argument('--work', type=Path, help='data and runs (default: $TMPDIR/mindlink_experiments)')
     x.add_argument('--seeds', type=int, nargs='+', default=[0], help='seeds of every configuration (more seeds: mean ± spread)')
+    x.add_argument('--probe-seeds', type=int, nargs='*', default=[], help='more seeds of MindLink and w/o L_subj, for the subject probe only')
     x.add_argument('--jobs', type=int, default=1, help='training runs side by side, one worker process each (e.g. the number of cores)')
     x.add_argument('--fresh', action='store_true', help='retrain every run (default: continue or reuse the runs already in --work)')
     x.add_argument('--sizes', type=int, nargs='+', help='training images of the new subject (default 50 150 300; --quick: 12 24)')

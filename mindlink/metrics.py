@@ -419,10 +419,11 @@ def subject_probe_accuracy(emb,                   # (N, ...) encoder embeddings 
                            subjects,              # (N,) subject label of each row
                            groups=None,           # (N,) e.g. image ids: no group on both sides of the split
                            test_size: float = 0.25,
-                           seed: int = 0, C: float = 1.0) -> dict:
+                           seed: int = 0, C: float = 1.0,
+                           folds: int = 0) -> dict:       # k >= 2: k-fold cross-validation, every row tested once (less noise)
     "Held-out accuracy of a fresh linear (logistic) probe predicting the subject from `emb`; chance = 1/S."
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupShuffleSplit, train_test_split
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, cross_val_score, train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     X = _as_2d(emb, 'emb').double().cpu().numpy(); y = np.asarray(subjects)
@@ -430,10 +431,17 @@ def subject_probe_accuracy(emb,                   # (N, ...) encoder embeddings 
     labels, counts = np.unique(y, return_counts=True)
     if len(labels) < 2: raise MindLinkError('subjects: need at least 2 subjects to probe')
     if counts.min() < 2: raise MindLinkError(f'subjects: every subject needs at least 2 samples, got {dict(zip(labels.tolist(), counts.tolist()))}')
-    if groups is None: Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
-    else:
+    if groups is not None:
         groups = np.asarray(groups)
         if groups.shape != y.shape: raise MindLinkError(f'groups: expected one group per embedding {y.shape}, got {groups.shape}')
+    if folds:
+        if folds < 2 or folds > counts.min(): raise MindLinkError(f'folds={folds}: expected 2 to {counts.min()} (the smallest subject\'s rows)')
+        cv = (StratifiedKFold if groups is None else StratifiedGroupKFold)(folds, shuffle=True, random_state=seed)
+        acc = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)), X, y, groups=groups, cv=cv)
+        return {'accuracy': float(acc.mean()), 'chance': 1 / len(labels), 'n_subjects': len(labels),
+                'n_train': int(round(len(y) * (folds - 1) / folds)), 'n_test': len(y), 'folds': folds}
+    if groups is None: Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+    else:
         tr, te = next(GroupShuffleSplit(1, test_size=test_size, random_state=seed).split(X, y, groups))
         Xtr, Xte, ytr, yte = X[tr], X[te], y[tr], y[te]
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(Xtr, ytr)

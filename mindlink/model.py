@@ -102,8 +102,8 @@ class MindLinkConfig:
 
     @classmethod
     def tiny(cls, **kw):
-        "A small model for MiniNSD on a CPU: patch 4 (P=64), a patch embedding per grid cell, width 64, 2 + 1 layers, 16 tokens of 64; 30 epochs (1 warm-up), about 2 min on 2 cores."
-        return cls(patch=4, patch_dim=64, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
+        "A small model for MiniNSD on a CPU: patch 6 (P=216), a patch embedding per grid cell, width 64, 2 + 1 layers, 16 tokens of 64; 30 epochs (1 warm-up), about 2 min on 2 cores."
+        return cls(patch=6, patch_dim=216, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
                    token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, patch_embed='per_position', lr=3e-3, batch_size=64,
                    epochs=30, warmup_epochs=1, mixed_precision='no', num_workers=0, ckpt_every=10, eval_every=5,
                    log_every=10).replace(**kw)
@@ -394,7 +394,7 @@ def bench_matmul(M: int, K: int, Nn: int, device=None, dtype=torch.float32, step
 def bench_model(preset: str = 'tiny',        # 'tiny' or 'paper'
                 batch: int | None = None,    # global batch (default: 64 tiny, 256 paper)
                 device=None,                 # default: get_device()
-                L: int | None = None,        # patches per sample (default: 125 tiny = MiniNSD at patch 4, 1000 paper)
+                L: int | None = None,        # patches per sample (default: 50 tiny = the demo's MiniNSD at patch 6, 1000 paper)
                 micro_batch: int | None = None,  # split the batch into accumulated micro-batches (default: 64 on CUDA for paper)
                 steps: int = 3, warmup: int = 1,
                 precision: str | None = None, # 'bf16' | 'no' (default: bf16 on CUDA, fp32 on CPU)
@@ -404,7 +404,7 @@ def bench_model(preset: str = 'tiny',        # 'tiny' or 'paper'
     if preset not in ('tiny', 'paper'): raise MindLinkError(f"preset must be 'tiny' or 'paper', got {preset!r}")
     cfg = getattr(MindLinkConfig, preset)()
     device = get_device(device)
-    batch = batch or (256 if preset == 'paper' else 64); L = L or (1000 if preset == 'paper' else 125)
+    batch = batch or (256 if preset == 'paper' else 64); L = L or (1000 if preset == 'paper' else 50)
     old_threads = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
     try: return _bench(cfg, preset, batch, device, L, micro_batch, steps, warmup, precision)

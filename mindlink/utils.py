@@ -142,6 +142,15 @@ def worker_threads(jobs: int) -> int:
     "Torch threads each of `jobs` worker processes gets by default: the machine's cores shared out, at least 1."
     return max(1, (os.cpu_count() or 1) // jobs)
 
+def _worker_init(threads: int, parent: int):
+    "A `map_jobs` worker: its torch threads, and a watchdog that ends it once its parent is gone (an orphan would keep writing into run folders)."
+    import threading, time
+    torch.set_num_threads(threads)
+    def watch():
+        while os.getppid() == parent: time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
 def map_jobs(fn,               # a function defined in a module (workers import it by name)
              items,            # one argument per job (a dict of keyword arguments when `kwargs=True`)
              jobs: int = 1,    # worker processes (1: run here, in order)
@@ -160,7 +169,8 @@ def map_jobs(fn,               # a function defined in a module (workers import 
     threads = threads or worker_threads(jobs)
     out = [None] * len(items)
     with ProcessPoolExecutor(min(jobs, len(items)), mp_context=mp.get_context('spawn'),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as ex:
+                             initializer=importlib.import_module('mindlink.utils')._worker_init,   # by module name, also from this notebook
+                             initargs=(threads, os.getpid())) as ex:
         futs = {(ex.submit(fn, **x) if kwargs else ex.submit(fn, x)): i for i, x in enumerate(items)}
         for f in progress(as_completed(futs), total=len(futs), desc=desc):
             i = futs[f]

@@ -143,8 +143,8 @@ def test_model_on_mini_nsd_layout(mini_nsd_root):
     reader = NSDReader(mini_nsd_root)
     subjects = reader.subjects()[:4]
     data = {s: reader.load_subject(s) for s in subjects}
-    layout = PatchLayout.fit({s: data[s].roi for s in subjects}, patch=4)
     cfg = MindLinkConfig.tiny(n_subjects=len(subjects))
+    layout = PatchLayout.fit({s: data[s].roi for s in subjects}, patch=cfg.patch)
     X = torch.cat([torch.as_tensor(layout.roi_tokens(s, data[s].betas)) for s in subjects]).float()
     subj = torch.cat([torch.full((len(data[s].betas),), i) for i, s in enumerate(subjects)])
     coords = torch.as_tensor(layout.coords)
