@@ -16,7 +16,7 @@ import pandas as pd
 from .utils import MindLinkError, get_device, map_jobs, savefig
 from .data import NSDReader
 from .patching import PatchLayout, PatchStore
-from .pipeline import SubjectScore, _say, _test_targets, _train_timed, pretrained_store, run_decoder, score_subject
+from .pipeline import SubjectScore, _say, _test_targets, pretrained_store, run_decoder, score_subject
 from . import training
 
 # %% ../nbs/12_adaptation.ipynb #283bd916
@@ -90,7 +90,7 @@ def adapt(pretrained,                 # run folder (or checkpoint) of the model 
                                       warmup_epochs=int(epochs * warmup_frac), eval_every=max(1, epochs // n_evals),
                                       ckpt_every=epochs), **overrides})
     store, lost = new_subject_store(root, subject, pretrained_store(root, ck.config, run), split_name)
-    summary, sec = _train_timed(cfg, store, out_dir, resume, reader=reader, subjects=[subject], n_train=n, embedder=run / 'embedder',
+    summary, sec = training.train_timed(cfg, store, out_dir, resume, reader=reader, subjects=[subject], n_train=n, embedder=run / 'embedder',
                                 init_from=ck.path if mode == 'finetune' else None, progress_bar=False, max_steps=steps,
                                 device=device, test_split=split_name)
     model = training.load_checkpoint(out_dir, device=get_device(device)).model

@@ -18,7 +18,7 @@ from .utils import MindLinkError, map_jobs, save_json, worker_threads
 from .data import NSDReader
 from .mininsd import make_mini_nsd
 from .metrics import subject_probe_accuracy
-from .training import adversary_check, learning_curves, load_checkpoint, prepare_data
+from .training import adversary_check, curve_run_dir, learning_curves, load_checkpoint, prepare_data
 from .pipeline import DEMO_DATA, demo_config, score_baseline, train_and_score
 from .adaptation import adaptation_study
 from .baselines import BASELINES, BASELINE_GROUP
@@ -35,8 +35,9 @@ def experiment_runs(cfg,              # the base config (the demo's)
     "The training runs of Tables 1 and 2, `(method, group, seed, subjects, config, run folder)` for every arm and seed."
     work = Path(work)
     arms = {'MindLink': {}, 'w/o L_subj': dict(use_subject_loss=False), 'w/o cross-attention': dict(use_cross_attention=False)}
-    runs = [(name, 'single cross-subject model', seed, subjects, cfg.replace(seed=seed, n_subjects=len(subjects), **kw),
-             work / f'{name.replace(" ", "_").replace("/", "")}_seed{seed}') for seed in seeds for name, kw in arms.items()]
+    cross = lambda name, group, seed: (name, group, seed, subjects, cfg.replace(seed=seed, n_subjects=len(subjects), **arms[name]),
+                                       work / f'{name.replace(" ", "_").replace("/", "")}_seed{seed}')    # one arm of the shared model
+    runs = [cross(name, 'single cross-subject model', seed) for seed in seeds for name in arms]
     # Table 1's per-subject setting twice: the same epochs (a quarter of the optimizer steps), and the same steps as the shared model
     per_epoch = lambda n_images: max(1, n_images // cfg.batch_size)           # optimizer steps per epoch (the sampler drops the last partial batch)
     scaled = lambda k: dict(epochs=math.ceil(cfg.epochs * k), warmup_epochs=math.ceil(cfg.warmup_epochs * k),
@@ -54,8 +55,7 @@ def experiment_runs(cfg,              # the base config (the demo's)
                      ('MindLink, one model per subject, same steps', 'per-subject models', seed, [s], base.replace(**same_steps),
                       work / f'per_subject_same_steps_{s}_seed{seed}')]
     # the subject-probe question (with vs without L_subj) with more seeds: these runs feed probe.csv, not the tables
-    runs += [(name, PROBE_ONLY, seed, subjects, cfg.replace(seed=seed, n_subjects=len(subjects), **arms[name]),
-              work / f'{name.replace(" ", "_").replace("/", "")}_seed{seed}') for seed in probe_seeds for name in ('MindLink', 'w/o L_subj')]
+    runs += [cross(name, PROBE_ONLY, seed) for seed in probe_seeds for name in ('MindLink', 'w/o L_subj')]
     return runs
 
 # %% ../nbs/13_experiments.ipynb #2e350d01
@@ -98,10 +98,9 @@ def run_experiments(out,                    # results folder (the chapter reads 
         # the probe on the test embeddings, grouped by image (chapter 11's trap): 5-fold cross-validation, and one 75/25 split
         e = torch.cat([fit.embeddings[s] for s in subjects]); lab = np.concatenate([[s] * len(fit.embeddings[s]) for s in subjects])
         img = np.concatenate([fit.scores[s].image_ids for s in subjects])
-        log = pd.read_csv(d / 'log.csv')
         probes.append(dict(method=method, seed=seed, **subject_probe_accuracy(e, lab, groups=img, folds=5),
                            accuracy_split=subject_probe_accuracy(e, lab, groups=img)['accuracy'],
-                           final_L_subj=float(log.subj.iloc[-5:].mean()) if c.use_subject_loss else np.nan,  # S_c's loss, last 5 log steps
+                           final_L_subj=float(pd.read_csv(d / 'log.csv').subj.iloc[-5:].mean()) if c.use_subject_loss else np.nan,  # S_c's loss, last 5 log steps
                            retrieval_top1=float(np.mean([fit.scores[s].metrics['retrieval_top1'] for s in subjects]))))
         if seed == seeds[0]: fits[method] = (fit, e, lab)
     # the flattened-voxel baselines (chapter 11a): same subjects, voxels and targets z, scored by the same code;
@@ -175,7 +174,6 @@ def run_learning_study(out,                 # results folder (chapter 09 reads n
                        data_kw: dict | None = None, cfg=None, work=None, jobs: int = 1, fresh: bool = False,
                        verbose: bool = True) -> dict:
     "Train the arms of chapter 9's learning-speed study; write curves.csv, runs.csv, adversary.csv and study.json to `out`."
-    import re
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     work = Path(work) if work is not None else Path(tempfile.gettempdir()) / 'mindlink_learning'
     cfg, arms = cfg or demo_config().replace(**LEARNING_BASE), arms or LEARNING_ARMS
@@ -191,7 +189,7 @@ def run_learning_study(out,                 # results folder (chapter 09 reads n
     # the adversary on the trained encoders of the first arm: S_c (all tokens, and their mean) against a probe
     main = next(iter(arms))
     data = prepare_data(cfg.replace(n_subjects=len(subjects)), root, subjects)
-    adv = [dict(seed=s, **adversary_check(load_checkpoint(work / 'runs' / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', main)}_seed{s}").model, data, pool=pool))
+    adv = [dict(seed=s, **adversary_check(load_checkpoint(curve_run_dir(work / 'runs', main, s)).model, data, pool=pool))
            for s in seeds for pool in ('flat', 'mean')]
     curves.to_csv(out / 'curves.csv', index=False); runs.to_csv(out / 'runs.csv', index=False)
     pd.DataFrame(adv).to_csv(out / 'adversary.csv', index=False)

@@ -10,8 +10,8 @@ __all__ = ['LOSS_KEYS', 'RUN_ONLY_FIELDS', 'GPU_CHECK', 'native_bf16', 'resolve_
            'main_process_first', 'Trainer', 'weights_digest', 'save_model', 'latest_checkpoint', 'config_diff',
            'load_weights', 'CSVLog', 'predict_tokens', 'evaluate_retrieval', 'as_config', 'init_model', 'Checkpoint',
            'load_checkpoint', 'default_subjects', 'prepare_data', 'save_run_record', 'run_record', 'train',
-           'bench_train', 'bench_batches', 'bench_gpu', 'gpu_report', 'learning_curves', 'plot_learning_curves',
-           'adversary_check']
+           'bench_train', 'bench_batches', 'bench_gpu', 'gpu_report', 'train_timed', 'curve_run_dir', 'learning_curves',
+           'plot_learning_curves', 'adversary_check']
 
 # %% ../nbs/09_training.ipynb #96bff469
 import contextlib, csv, gc, hashlib, itertools, json, math, os, random, resource, shutil, signal, subprocess, sys, tempfile, threading, time, warnings
@@ -1186,15 +1186,25 @@ def gpu_report(res: dict):
 bench_gpu.report = gpu_report  # what `mindlink bench gpu` prints
 
 # %% ../nbs/09_training.ipynb #b05a23a6
+def train_timed(cfg, data, run_dir, resume: bool, **train_kw):
+    "`train` into `run_dir` (continued there when `resume`) and its wall time, summed over the calls that trained it."
+    clock = Path(run_dir) / 'train_seconds.json'
+    before = load_json(clock)['seconds'] if resume and clock.exists() else 0.0
+    t0 = time.time()
+    summary = train(cfg, data, run_dir, resume=resume, overwrite=not resume, **train_kw)
+    sec = before + time.time() - t0
+    save_json({'seconds': sec}, clock)
+    return summary, sec
+
+def curve_run_dir(out, arm: str, seed: int) -> Path:
+    "The run folder of `arm` and `seed` under `out` (the arm's name made a file name)."
+    import re
+    return Path(out) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', arm)}_seed{seed}"
+
 def _curve_run(cfg: dict, root: str, run_dir: str, subjects: list, resume: bool) -> dict:
     "One arm of `learning_curves`: train, then return its validation curve and cost (a worker's job)."
     run_dir = Path(run_dir)
-    t0 = time.time()
-    summary = train(MindLinkConfig.from_dict(cfg), root, run_dir, subjects=subjects, resume=resume, overwrite=not resume,
-                    device='cpu', progress_bar=False)
-    clock = run_dir / 'train_seconds.json'
-    sec = (load_json(clock)['seconds'] if resume and clock.exists() else 0.0) + time.time() - t0
-    if summary['step'] > 0: save_json({'seconds': sec}, clock)
+    summary, sec = train_timed(MindLinkConfig.from_dict(cfg), root, run_dir, resume, subjects=subjects, device='cpu', progress_bar=False)
     import pandas as pd
     val = pd.read_csv(run_dir / 'val.csv')
     log = pd.read_csv(run_dir / 'log.csv')
@@ -1209,12 +1219,12 @@ def learning_curves(arms: dict,            # arm name -> MindLinkConfig
                     jobs: int = 1,         # runs side by side in worker processes
                     resume: bool = True):  # continue or reuse the runs already in `out`
     "Held-out top-1 retrieval against the step for every arm and seed: `(curves, runs)`, two DataFrames."
-    import pandas as pd, re
+    import pandas as pd
     out, subjects = Path(out), [int(s) for s in subjects]
     first = next(iter(arms.values()))
     prepare_data(first.replace(n_subjects=len(subjects)), root, subjects)   # patch store, embedder, targets: once, here
     jobs_kw = [dict(cfg=c.replace(seed=s, n_subjects=len(subjects), eval_every=1).to_dict(), root=str(root),
-                    run_dir=str(out / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}_seed{s}"), subjects=subjects, resume=resume)
+                    run_dir=str(curve_run_dir(out, name, s)), subjects=subjects, resume=resume)
                for name, c in arms.items() for s in seeds]
     res = map_jobs(_curve_run, jobs_kw, jobs, kwargs=True, desc='learning curves')
     curves, runs = [], []
