@@ -159,8 +159,17 @@ def cmd_bench(a):
 
 # %% ../nbs/14_cli.ipynb #e70bfaa7
 def cmd_experiments(a):
-    "`mindlink experiments`: chapter 13's result files (`run_experiments`), or with `--learning` chapter 9's study (`run_learning_study`)."
-    from mindlink.experiments import LEARNING_ARMS, run_experiments, run_learning_study
+    "`mindlink experiments`: chapter 13's result files (`run_experiments`), with `--learning` chapter 9's learning-speed study (`run_learning_study`), with `--recipe` its mixup study (`run_recipe_study`)."
+    from mindlink.experiments import LEARNING_ARMS, RECIPE_ARMS, run_experiments, run_learning_study, run_recipe_study
+    if a.learning and a.recipe: raise MindLinkError('--learning and --recipe: choose one study')
+    if a.recipe:
+        kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
+        if a.quick:
+            from mindlink.mininsd import TINY_MINI_NSD
+            from mindlink.pipeline import QUICK_TRAIN, demo_config
+            kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
+                      arms={n: RECIPE_ARMS[n] for n in list(RECIPE_ARMS)[:2]})
+        return run_recipe_study(a.out, **kw)
     if a.learning:
         kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
         if a.quick:
@@ -286,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--steps', type=int, default=150, help='optimizer steps of each adaptation run')
     x.add_argument('--quick', action='store_true', help='tiny sizes: checks the plumbing')
     x.add_argument('--learning', action='store_true', help="chapter 9's learning-speed study instead (results for nbs/learning_cache)")
+    x.add_argument('--recipe', action='store_true', help="chapter 9's mixup study instead (results for nbs/recipe_cache)")
     return p
 
 COMMANDS = dict(data=cmd_data, train=cmd_train, evaluate=cmd_evaluate, reconstruct=cmd_reconstruct, adapt=cmd_adapt,

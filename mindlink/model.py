@@ -73,6 +73,7 @@ class MindLinkConfig:
     eval_every: int = 10             # epochs between evaluations
     log_every: int = 50              # steps between log lines
     dann_gamma: float = 10.0         # γ of the DANN ramp α(p) = 2/(1+exp(-γ p)) - 1
+    mixup: float = 0.0               # α of mixup within a subject, weight λ ~ Beta(α, α); 0 = off (ours; chapter 09_training)
 
     def __post_init__(self):
         self.lambdas = tuple(float(x) for x in self.lambdas); self.betas = tuple(float(x) for x in self.betas)
@@ -92,6 +93,7 @@ class MindLinkConfig:
         if self.tau <= 0: bad.append(f'tau={self.tau} must be > 0')
         if self.patch_embed not in ('shared', 'per_position'): bad.append(f"patch_embed={self.patch_embed!r} must be 'shared' or 'per_position'")
         if self.pos_grid and (len(self.pos_grid) != 3 or min(self.pos_grid) < 1): bad.append(f'pos_grid={self.pos_grid} must be () or three positive cell counts')
+        if self.mixup < 0: bad.append(f'mixup={self.mixup} must be >= 0 (0 = off)')
         if self.cls_pool not in ('flat', 'mean'): bad.append(f"cls_pool={self.cls_pool!r} must be 'flat' or 'mean'")
         if bad: raise MindLinkError('MindLinkConfig: ' + '; '.join(bad))
 
@@ -102,9 +104,9 @@ class MindLinkConfig:
 
     @classmethod
     def tiny(cls, **kw):
-        "A small model for MiniNSD on a CPU: patch 6 (P=216), a patch embedding per grid cell, width 64, 2 + 1 layers, 16 tokens of 64; 30 epochs (1 warm-up), about 2 min on 2 cores."
+        "A small model for MiniNSD on a CPU: patch 6 (P=216), a patch embedding per grid cell, width 64, 2 + 1 layers, 16 tokens of 64; mixup α = 1; 30 epochs (1 warm-up), about 2 min on 2 cores."
         return cls(patch=6, patch_dim=216, d_model=64, n_heads=4, enc_layers=2, perceiver_layers=1, n_tokens=16,
-                   token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, patch_embed='per_position', lr=3e-3, batch_size=64,
+                   token_dim=64, dec_layers=1, dec_dim=64, dec_heads=4, cls_hidden=64, patch_embed='per_position', lr=3e-3, mixup=1.0, batch_size=64,
                    epochs=30, warmup_epochs=1, mixed_precision='no', num_workers=0, ckpt_every=10, eval_every=5,
                    log_every=10).replace(**kw)
 

@@ -7,11 +7,11 @@ __all__ = ['LOSS_KEYS', 'RUN_ONLY_FIELDS', 'GPU_CHECK', 'native_bf16', 'resolve_
            'saved_activation_bytes', 'activation_estimate', 'MemoryPlan', 'plan_memory', 'fixed_plan',
            'device_free_bytes', 'ShardedBatchSampler', 'Schedule', 'make_optimizer', 'rng_state', 'set_rng_state',
            'torch_save', 'torch_load', 'checkpoint_dir', 'verify_checkpoint', 'TrainData', 'process_state', 'from_main',
-           'main_process_first', 'Trainer', 'weights_digest', 'save_model', 'latest_checkpoint', 'config_diff',
-           'load_weights', 'CSVLog', 'predict_tokens', 'evaluate_retrieval', 'as_config', 'init_model', 'Checkpoint',
-           'load_checkpoint', 'default_subjects', 'prepare_data', 'save_run_record', 'run_record', 'train',
-           'bench_train', 'bench_batches', 'bench_gpu', 'gpu_report', 'train_timed', 'curve_run_dir', 'learning_curves',
-           'plot_learning_curves', 'adversary_check']
+           'main_process_first', 'Trainer', 'mixup_batch', 'weights_digest', 'save_model', 'latest_checkpoint',
+           'config_diff', 'load_weights', 'CSVLog', 'predict_tokens', 'evaluate_retrieval', 'as_config', 'init_model',
+           'Checkpoint', 'load_checkpoint', 'default_subjects', 'prepare_data', 'save_run_record', 'run_record',
+           'train', 'bench_train', 'bench_batches', 'bench_gpu', 'gpu_report', 'train_timed', 'curve_run_dir',
+           'learning_curves', 'plot_learning_curves', 'adversary_check']
 
 # %% ../nbs/09_training.ipynb #96bff469
 import contextlib, csv, gc, hashlib, itertools, json, math, os, random, resource, shutil, signal, subprocess, sys, tempfile, threading, time, warnings
@@ -483,6 +483,29 @@ def _make_batches(self: Trainer, preload, num_workers):
     else: loader = torch.utils.data.DataLoader(ds, batch_sampler=self.sampler, **kw)
     return lambda: _prefetch(loader, dev, S, f'training data ({type(ds).__name__})')
 
+# %% ../nbs/09_training.ipynb #0ac91530
+def mixup_batch(patches,      # B, (N, L, P)
+                target,       # z, (N, N_I, d)
+                subject,      # (N,) long subject index
+                alpha: float  # α of Beta(α, α); 0 returns the batch as it is
+                ) -> tuple:
+    "Mixup within each subject: `(patches, target)` with every sample blended with a random partner of its own subject, weight λ ~ Beta(α, α) folded to ≥ 1/2."
+    if alpha <= 0: return patches, target
+    dev, N = patches.device, patches.shape[0]
+    s = torch.as_tensor(subject, device=dev).long()
+    order = (s.double() + 0.5 * torch.rand(N, device=dev, dtype=torch.float64)).argsort()  # by subject, random inside
+    ss, k = s[order], torch.arange(N, device=dev)
+    start = torch.searchsorted(ss, ss); size = torch.searchsorted(ss, ss, right=True) - start
+    partner = torch.empty_like(order)
+    partner[order] = order[start + (k - start + 1) % size]            # the next sample of the same subject, cyclically
+    a = torch.tensor(float(alpha), device=dev)
+    lam = torch.distributions.Beta(a, a).sample((N,))
+    lam = torch.maximum(lam, 1 - lam)
+    def mix(x):
+        l = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return l * x + (1 - l) * x[partner]
+    return mix(patches), mix(target)
+
 # %% ../nbs/09_training.ipynb #77021790
 @patch
 def _train_step(self: Trainer, micro_batches, sums):
@@ -495,7 +518,8 @@ def _train_step(self: Trainer, micro_batches, sums):
     for i, b in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else self.acc.no_sync(model)):
-            out = model(b['patches'], self.coords, b['subject'], b['target'], dann_coeff=self._alpha, rec_only=rec_only)
+            x, z = mixup_batch(b['patches'], b['target'], b['subject'], self.cfg.mixup)  # the batch itself when mixup = 0
+            out = model(x, self.coords, b['subject'], z, dann_coeff=self._alpha, rec_only=rec_only)
             self.acc.backward(out['loss'] / self.accum)  # L_rec in the warm-up, L_total (Eq. 6) after it
         sums += torch.stack([out[k].detach().float() for k in LOSS_KEYS])
         if self.record: self.seen += [(self.state['epoch'], s, i) for s, i in zip(b['subject'].tolist(), b['image_id'].tolist())]

@@ -211,3 +211,23 @@ def test_experiments(tmp_path, capsys):
     a3, b3 = (pd.read_csv(tmp_path / d / 'table3.csv') for d in ('exp', 'exp2'))
     pd.testing.assert_frame_equal(a3[['mode', 'n_train', 'seed', 'steps', 'retrieval_top1']], b3[['mode', 'n_train', 'seed', 'steps', 'retrieval_top1']])
     fails(capsys, ['experiments', '--out', tmp_path / 'e2', '--quick', '--sizes', '5000'], '5000')
+
+
+def test_experiments_recipe(tmp_path, capsys):
+    "chapter 9's mixup study (`--recipe`): two arms at the tests' size, scored as the demo scores, with the training-image retrieval."
+    import json, pandas as pd
+    from mindlink.experiments import RECIPE_ARMS
+    out, work = tmp_path / 'recipe', tmp_path / 'work'
+    assert main(['experiments', '--recipe', '--out', str(out), '--work', str(work), '--quick', '--seeds', '0']) == 0
+    r, meta = pd.read_csv(out / 'runs.csv'), json.loads((out / 'recipe.json').read_text())
+    arms = list(RECIPE_ARMS)[:2]
+    assert sorted(r.arm.unique()) == sorted(arms) and set(meta['arms']) == set(arms) and (r.groupby('arm').subject.nunique() == 4).all()
+    assert r[['retrieval_top1', 'train_top1', 'PixCorr']].apply(lambda c: c.between(-1, 1)).all().all() and r.train_top1.notna().all()
+    # each run folder trained the arm's config: the preset mixes, the arm without mixup does not
+    mixes = sorted(json.loads(p.read_text())['mixup'] for p in (work / 'runs').glob('*/config.json'))
+    assert mixes == sorted([0.0, RECIPE_ARMS[arms[0]].get('mixup', 1.0)])
+    # a second call finds the runs finished: the same scores without training
+    assert main(['experiments', '--recipe', '--out', str(tmp_path / 'recipe2'), '--work', str(work), '--quick', '--seeds', '0']) == 0
+    keys = ['arm', 'seed', 'subject', 'steps', 'retrieval_top1', 'train_top1', 'PixCorr']
+    pd.testing.assert_frame_equal(r[keys], pd.read_csv(tmp_path / 'recipe2' / 'runs.csv')[keys])
+    fails(capsys, ['experiments', '--recipe', '--learning', '--out', tmp_path / 'r3', '--quick'], 'choose one')
