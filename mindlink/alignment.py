@@ -6,8 +6,6 @@
 __all__ = ['Projector', 'align_loss', 'TokenCrossAttention', 'local_loss']
 
 # %% ../nbs/06_alignment.ipynb #85bb0243
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -21,11 +21,11 @@ from torch import nn
 
 from .utils import MindLinkError, savefig
 from .data import NSDReader, SubjectData
-from .embeddings import embed_stimuli, stack_tokens
+from .embeddings import stack_tokens
 from .alignment import align_loss
 from .metrics import retrieval_top1
 from .model import MindLink, MindLinkConfig, component_parameters
-from . import training
+from .prepare import cached_targets, prepare_data
 
 # %% ../nbs/11a_baselines.ipynb #d769f4e8
 BASELINES = {'ridge': 'ridge per subject',                       # kind -> the name tables show
@@ -326,11 +326,11 @@ def baseline_targets(reader, subjects,
     subjects = [int(s) for s in subjects]
     if embedder is None:
         cfg = cfg or MindLinkConfig.tiny(n_subjects=len(subjects))
-        embedder = training.prepare_data(cfg.replace(n_subjects=max(cfg.n_subjects, len(subjects))), reader.root,
-                                         subjects=subjects).info['embedder']
+        embedder = prepare_data(cfg.replace(n_subjects=max(cfg.n_subjects, len(subjects))), reader.root, subjects=subjects,
+                                reader=reader).embedder
     split = reader.split(subjects)
     ids = np.unique(np.concatenate([np.r_[split[s]['train'], split[s]['test']] for s in subjects]))
-    return embed_stimuli(embedder, reader, ids, cache_dir=Path(reader.root) / 'mindlink_cache' / 'embeddings')
+    return cached_targets(embedder, reader, ids)
 
 def fit_baselines(reader, subjects, targets: dict,
                   kinds=tuple(BASELINES),   # which baselines

@@ -10,37 +10,47 @@ __all__ = ['COMMANDS', 'make_config', 'cmd_data', 'cmd_train', 'cmd_evaluate', '
 import argparse, inspect, json, os, sys, time
 from pathlib import Path
 
-from .utils import BENCH_MODULES, MindLinkError, bench_functions, bench_table, load_json, run_bench, save_json
+from .utils import MindLinkError, save_json
+from .bench import BENCH_AREAS, bench_functions, bench_table, run_bench
 
 # %% ../nbs/14_cli.ipynb #d9970a1b
+_PYTHON_WORDS = {'True': True, 'False': False, 'None': None}
+
 def _kv(s: str):
-    "Parse `KEY=VALUE` (the value as JSON when it parses, else the string)."
+    "Parse `KEY=VALUE`: the value as JSON when it parses, Python's True/False/None as themselves, else the string."
     if '=' not in s: raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {s!r}')
     k, v = s.split('=', 1)
+    if not k.strip(): raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {s!r}')
     try: v = json.loads(v)
-    except json.JSONDecodeError: pass
+    except json.JSONDecodeError: v = _PYTHON_WORDS.get(v.strip(), v)
     return k.strip(), v
 
 def make_config(preset: str = 'tiny', config=None, overrides=()):
-    "A `MindLinkConfig`: the preset, then the fields of a JSON/YAML `config` file, then `overrides` (pairs)."
+    "A `MindLinkConfig`: the preset, then the fields of a JSON/YAML `config` file (`MindLinkConfig.load`), then `overrides` (pairs)."
     from mindlink.model import MindLinkConfig
     if preset not in ('tiny', 'paper'): raise MindLinkError(f"--preset {preset!r}: expected 'tiny' or 'paper'")
     cfg = getattr(MindLinkConfig, preset)()
-    if config is not None:
-        try: cfg = cfg.replace(**_file_fields(config))
-        except MindLinkError as e: raise MindLinkError(f'{config}: {e}') from None
-    return cfg.replace(**dict(overrides)) if overrides else cfg
+    if config is not None: cfg = MindLinkConfig.load(config, base=cfg)
+    if not overrides: return cfg
+    try: return cfg.replace(**dict(overrides))
+    except MindLinkError as e: raise MindLinkError(f'--set: {e}') from None
 
-def _file_fields(path) -> dict:
-    "The fields written in a JSON/YAML config file."
-    path = Path(path)
-    if not path.exists(): raise MindLinkError(f'{path}: config file not found')
-    if path.suffix in ('.yaml', '.yml'):
-        import yaml
-        d = yaml.safe_load(path.read_text()) or {}
-    else: d = load_json(path)
-    if not isinstance(d, dict): raise MindLinkError(f'{path}: expected a mapping of MindLinkConfig fields')
-    return d
+def _count(lo: int = 1):
+    "An argparse type: a whole number >= `lo`."
+    def parse(s):
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f'expected a whole number >= {lo}, got {s!r}') from None
+        if v < lo: raise argparse.ArgumentTypeError(f'expected a whole number >= {lo}, got {v}')
+        return v
+    parse.__name__ = f'whole number >= {lo}'
+    return parse
+
+def _distinct(values, name: str):
+    "`values`, refused when one repeats (a subject or seed counted twice would weigh twice)."
+    if values is None: return None
+    dup = sorted({v for v in values if list(values).count(v) > 1})
+    if dup: raise MindLinkError(f'{name} {" ".join(map(str, values))}: {dup} given more than once')
+    return list(values)
 
 # %% ../nbs/14_cli.ipynb #28e44c3c
 def _root(path, what: str = '--data') -> Path:
@@ -83,11 +93,10 @@ def cmd_train(a):
     "`mindlink train`: `mindlink.training.train` with a config from `--preset/--config/--set`."
     from mindlink import training
     cfg = make_config(a.preset, a.config, a.set)
-    kw = dict(subjects=a.subjects, n_train=a.n_train, init_from=a.init_from, resume=a.resume, overwrite=a.overwrite,
-              embedder=a.embedder, test_split=a.test_split, micro_batch=a.micro_batch, record_batches=a.record_batches)
-    if a.max_steps: kw['max_steps'] = a.max_steps
-    if a.device: kw['device'] = a.device
-    summary = training.train(cfg, _root(a.data), a.out, **kw)
+    kw = dict(subjects=_distinct(a.subjects, '--subjects'), n_train=a.n_train, init_from=a.init_from, resume=a.resume,
+              overwrite=a.overwrite, embedder=a.embedder, test_split=a.test_split, micro_batch=a.micro_batch,
+              record_batches=a.record_batches, max_steps=a.max_steps, device=a.device)
+    summary = training.train(cfg, _root(a.data), a.out, **kw).summary
     val = summary.get('val') or {}
     print(f'trained {summary["step"]} steps ({summary["epoch"]} epochs) -> {a.out}' +
           (f'; held-out retrieval top-1 {val["top1"]:.1%} (chance {val["chance"]:.1%})' if 'top1' in val else ''))
@@ -97,7 +106,7 @@ def cmd_evaluate(a):
     from mindlink.pipeline import evaluate_run
     run, root = _run(a.run), _root(a.data)
     out = Path(a.out or run / 'evaluation')
-    evaluate_run(run, root, subjects=a.subjects, out=out, weights=a.weights or os.environ.get('MINDLINK_WEIGHTS'), sd=a.sd,
+    evaluate_run(run, root, subjects=_distinct(a.subjects, '--subjects'), out=out, weights=a.weights or os.environ.get('MINDLINK_WEIGHTS'), sd=a.sd,
                  ip_adapter=a.ip_adapter, steps=a.steps, guidance=a.guidance, device=a.device)
     print(f'metrics written to {out}')
 
@@ -115,7 +124,9 @@ def cmd_adapt(a):
     import matplotlib.pyplot as plt
     run, root, out = _run(a.run), _root(a.data), Path(a.out)
     modes = ('finetune', 'scratch') if a.mode == 'both' else (a.mode,)
-    df = adaptation.adaptation_study(run, root, out / 'runs', a.subject, a.sizes, a.seeds, a.steps, modes=modes, sd=a.sd,
+    sizes, seeds = _distinct(a.sizes, '--sizes'), _distinct(a.seeds, '--seeds')
+    if out.exists() and not out.is_dir(): raise MindLinkError(f'--out {out}: is a file; expected a folder to write into')
+    df = adaptation.adaptation_study(run, root, out / 'runs', a.subject, sizes, seeds, a.steps, modes=modes, sd=a.sd,
                                      ip_adapter=a.ip_adapter, device=a.device, recon_kw=dict(steps=a.sd_steps), **dict(a.set))
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / 'adaptation.csv', index=False)
@@ -130,7 +141,9 @@ def cmd_demo(a):
     from mindlink.pipeline import QUICK_BASELINES, QUICK_TRAIN, demo_config, run_pipeline
     t0 = time.time()
     out = Path(a.out)
-    cfg = demo_config(**dict(a.set))
+    if out.exists() and not out.is_dir(): raise MindLinkError(f'--out {out}: is a file; expected a folder to write into')
+    try: cfg = demo_config(**dict(a.set))
+    except MindLinkError as e: raise MindLinkError(f'--set: {e}') from None
     data_kw = dict(TINY_MINI_NSD) if a.quick else None
     if a.quick: cfg = cfg.replace(**QUICK_TRAIN)
     print(f'mindlink demo: MiniNSD -> patches -> embeddings -> training -> reconstruction -> metrics, results in {out}')
@@ -140,9 +153,10 @@ def cmd_demo(a):
 
 # %% ../nbs/14_cli.ipynb #d18cc8c3
 def cmd_bench(a):
-    "`mindlink bench AREA`: `mindlink.utils.run_bench`, printed as a table."
+    "`mindlink bench AREA`: `mindlink.bench.run_bench`, printed as a table."
     fs = bench_functions(a.area)
     fs = {a.only: fs[a.only]} if a.only in fs else fs
+    if a.json is not None and a.json.is_dir(): raise MindLinkError(f"--json {a.json}: is a folder; expected a file to write")
     opts = list(a.set) + [('smoke', True)] * a.smoke
     # a benchmark that saves as it goes (`out`) writes the --json file itself, section by section
     own_file = a.json is not None and len(fs) == 1 and 'out' in inspect.signature(next(iter(fs.values()))).parameters
@@ -159,9 +173,10 @@ def cmd_bench(a):
 
 # %% ../nbs/14_cli.ipynb #e70bfaa7
 def cmd_experiments(a):
-    "`mindlink experiments`: chapter 13's result files (`run_experiments`), with `--learning` chapter 9's learning-speed study (`run_learning_study`), with `--recipe` its mixup study (`run_recipe_study`)."
+    "`mindlink experiments`: chapter 13's result files (`run_experiments`), with `--learning` its learning-speed study (`run_learning_study`), with `--recipe` its mixup study (`run_recipe_study`)."
     from mindlink.experiments import LEARNING_ARMS, RECIPE_ARMS, run_experiments, run_learning_study, run_recipe_study
     if a.learning and a.recipe: raise MindLinkError('--learning and --recipe: choose one study')
+    a.seeds, a.probe_seeds, a.sizes = _distinct(a.seeds, '--seeds'), _distinct(a.probe_seeds, '--probe-seeds'), _distinct(a.sizes, '--sizes')
     if a.recipe:
         kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
         if a.quick:
@@ -187,21 +202,26 @@ def cmd_experiments(a):
     run_experiments(a.out, **kw)
 
 # %% ../nbs/14_cli.ipynb #0af97ba0
+class _Parser(argparse.ArgumentParser):
+    "argparse, with a bad argument said in one line (`mindlink train: error: ...`) and exit status 2."
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see `{self.prog} --help`)\n')
+
 def _add_set(p, what='a MindLinkConfig field'):
     p.add_argument('--set', type=_kv, action='append', default=[], metavar='KEY=VALUE', help=f'set {what} (repeatable; value read as JSON)')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `mindlink` argument parser: one subcommand per task."
-    p = argparse.ArgumentParser(prog='mindlink', description='MindLink: decode seen images from the 3D fMRI of many subjects with one model.')
+    p = _Parser(prog='mindlink', description='MindLink: decode seen images from the 3D fMRI of many subjects with one model.')
     from mindlink import __version__
     p.add_argument('--version', action='version', version=f'mindlink {__version__}')
-    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=_Parser)
 
     d = sub.add_parser('data', help='write MiniNSD, or describe an NSD-layout folder')
-    dsub = d.add_subparsers(dest='what', required=True, metavar='WHAT')
+    dsub = d.add_subparsers(dest='what', required=True, metavar='WHAT', parser_class=_Parser)
     m = dsub.add_parser('mini-nsd', help='write MiniNSD, the synthetic data set in NSD\'s layout')
     m.add_argument('--out', required=True, type=Path, help='data root to write')
-    m.add_argument('--seed', type=int, default=0)
+    m.add_argument('--seed', type=_count(0), default=0)
     m.add_argument('--tiny', action='store_true', help='the tests\' size (about a second to write)')
     m.add_argument('--overwrite', action='store_true', help='replace a MiniNSD written with other settings')
     _add_set(m, 'a make_mini_nsd knob (n_train, n_shared, noise, ...)')
@@ -209,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument('root', type=Path)
     c = dsub.add_parser('check', help='check an NSD download against the published files; list what to fetch')
     c.add_argument('root', type=Path)
-    c.add_argument('--subjects', type=int, nargs='+', help='subjects to check (default: 1, 2, 5, 7 and any other present)')
-    c.add_argument('--sessions', type=int, help='sessions each subject should have (default: the published counts)')
+    c.add_argument('--subjects', type=_count(1), nargs='+', help='subjects to check (default: 1, 2, 5, 7 and any other present)')
+    c.add_argument('--sessions', type=_count(1), help='sessions each subject should have (default: the published counts)')
     c.add_argument('--out', type=Path, help='also write check.md and fetch.txt (one `aws s3 cp` line per missing file) here')
 
     def data_run(q, run=True, data=True):
@@ -223,57 +243,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--preset', default='tiny', help="'tiny' (CPU, MiniNSD) or 'paper'")
     t.add_argument('--config', type=Path, help='JSON or YAML file of MindLinkConfig fields')
     _add_set(t)
-    t.add_argument('--subjects', type=int, nargs='+', help='training subjects (default: the paper\'s on NSD, 1..n_subjects otherwise)')
-    t.add_argument('--n-train', type=int, help='training images per subject (seeded subset)')
+    t.add_argument('--subjects', type=_count(1), nargs='+', help='training subjects (default: the paper\'s on NSD, 1..n_subjects otherwise)')
+    t.add_argument('--n-train', type=_count(1), help='training images per subject (seeded subset)')
     t.add_argument('--init-from', type=Path, help='start from this pretrained model (fine-tuning)')
     t.add_argument('--resume', action='store_true', help='continue the run in --out from its latest checkpoint')
     t.add_argument('--overwrite', action='store_true', help='start afresh in an --out that holds checkpoints')
-    t.add_argument('--max-steps', type=int, help='stop (with a checkpoint) at this step')
+    t.add_argument('--max-steps', type=_count(1), help='stop (with a checkpoint) at this step')
     t.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: what Accelerate finds)")
     t.add_argument('--embedder', default=None, metavar='region-pca|ip-adapter-plus:PATH',
                    help="the image targets: 'region-pca' (offline, the default) or IP-Adapter Plus from an h94/IP-Adapter folder or hub id")
     t.add_argument('--test-split', default='shared982', choices=['shared982', 'shared1000'],
                    help='shared982: sessions 1-37, the 982 test images of MindEye/MindBridge/MindLink; shared1000: all sessions (MindEye2)')
-    t.add_argument('--micro-batch', type=int, help='samples per process per forward pass (default: fitted to the GPU\'s free memory)')
+    t.add_argument('--micro-batch', type=_count(1), help='samples per process per forward pass (default: fitted to the GPU\'s free memory)')
     t.add_argument('--record-batches', action='store_true', help='write the (subject, image) pairs each process trained on (tests)')
 
     e = sub.add_parser('evaluate', help='score a run on each subject\'s test images')
     data_run(e)
-    e.add_argument('--subjects', type=int, nargs='+')
+    e.add_argument('--subjects', type=_count(1), nargs='+')
     e.add_argument('--out', type=Path, help='where metrics.json/csv/md go (default RUN/evaluation)')
     e.add_argument('--weights', type=Path, help='folder of the metric networks\' weights (default: $MINDLINK_WEIGHTS): adds the eight image metrics')
     e.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (needed when the run was trained against IP-Adapter Plus tokens)')
     e.add_argument('--ip-adapter', help='IP-Adapter folder or hub id (default: the one the run was trained against)')
-    e.add_argument('--steps', type=int, default=50, help='DDIM steps'); e.add_argument('--guidance', type=float, default=7.5)
+    e.add_argument('--steps', type=_count(1), default=50, help='DDIM steps'); e.add_argument('--guidance', type=float, default=7.5)
     e.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: a GPU when there is one)")
 
     r = sub.add_parser('reconstruct', help='images from a run\'s predicted tokens')
     data_run(r)
     r.add_argument('--out', required=True, type=Path)
-    r.add_argument('--subject', type=int, default=1)
-    r.add_argument('--n', type=int, default=16, help='test images to reconstruct')
+    r.add_argument('--subject', type=_count(1), default=1)
+    r.add_argument('--n', type=_count(1), default=16, help='test images to reconstruct')
     r.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (needed when the run was trained against IP-Adapter Plus tokens)')
     r.add_argument('--ip-adapter', help='IP-Adapter folder or hub id (default: the one the run was trained against)')
-    r.add_argument('--steps', type=int, default=50, help='DDIM steps'); r.add_argument('--guidance', type=float, default=7.5)
-    r.add_argument('--seed', type=int, default=0)
+    r.add_argument('--steps', type=_count(1), default=50, help='DDIM steps'); r.add_argument('--guidance', type=float, default=7.5)
+    r.add_argument('--seed', type=_count(0), default=0)
     r.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: a GPU when there is one)")
 
     a = sub.add_parser('adapt', help='a new subject: zero-shot, fine-tuned vs from scratch (Table 3, Fig. 4)')
     data_run(a)
     a.add_argument('--out', required=True, type=Path)
-    a.add_argument('--subject', type=int, default=5)
-    a.add_argument('--sizes', type=int, nargs='+', default=[50, 150, 300], help='training images of the new subject')
-    a.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    a.add_argument('--steps', type=int, default=120, help='optimizer steps of every run (the budget)')
+    a.add_argument('--subject', type=_count(1), default=5)
+    a.add_argument('--sizes', type=_count(1), nargs='+', default=[50, 150, 300], help='training images of the new subject')
+    a.add_argument('--seeds', type=_count(0), nargs='+', default=[0, 1, 2])
+    a.add_argument('--steps', type=_count(1), default=120, help='optimizer steps of every run (the budget)')
     a.add_argument('--mode', choices=['both', 'finetune', 'scratch'], default='both')
     a.add_argument('--sd', help='Stable Diffusion 1.5 folder or hub id (needed when the run was trained against IP-Adapter Plus tokens)')
     a.add_argument('--ip-adapter', help='IP-Adapter folder or hub id (default: the one the run was trained against)')
-    a.add_argument('--sd-steps', type=int, default=50, help='DDIM steps of the reconstructions that are scored')
+    a.add_argument('--sd-steps', type=_count(1), default=50, help='DDIM steps of the reconstructions that are scored')
     a.add_argument('--device', help="e.g. 'cpu' or 'cuda' (default: a GPU when there is one)")
     _add_set(a)
 
     b = sub.add_parser('bench', help='benchmarks of one area (prints a table)')
-    b.add_argument('area', choices=list(BENCH_MODULES))
+    b.add_argument('area', choices=list(BENCH_AREAS))
     b.add_argument('--only', help='run only this bench_* function')
     b.add_argument('--json', type=Path, help='also write the results here')
     b.add_argument('--smoke', action='store_true', help='`bench gpu`: the same code at tiny sizes, on any machine (what CI runs)')
@@ -287,27 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser('experiments', help='regenerate the result files of chapter 13')
     x.add_argument('--out', required=True, type=Path)
     x.add_argument('--work', type=Path, help='data and runs (default: $TMPDIR/mindlink_experiments)')
-    x.add_argument('--seeds', type=int, nargs='+', default=[0], help='seeds of every configuration (more seeds: mean ± spread)')
-    x.add_argument('--probe-seeds', type=int, nargs='*', default=[], help='more seeds of MindLink and w/o L_subj, for the subject probe only')
-    x.add_argument('--jobs', type=int, default=1, help='training runs side by side, one worker process each (e.g. the number of cores)')
+    x.add_argument('--seeds', type=_count(0), nargs='+', default=[0], help='seeds of every configuration (more seeds: mean ± spread)')
+    x.add_argument('--probe-seeds', type=_count(0), nargs='*', default=[], help='more seeds of MindLink and w/o L_subj, for the subject probe only')
+    x.add_argument('--jobs', type=_count(1), default=1, help='training runs side by side, one worker process each (e.g. the number of cores)')
     x.add_argument('--fresh', action='store_true', help='retrain every run (default: continue or reuse the runs already in --work)')
-    x.add_argument('--sizes', type=int, nargs='+', help='training images of the new subject (default 50 150 300; --quick: 12 24)')
-    x.add_argument('--steps', type=int, default=150, help='optimizer steps of each adaptation run')
+    x.add_argument('--sizes', type=_count(1), nargs='+', help='training images of the new subject (default 50 150 300; --quick: 12 24)')
+    x.add_argument('--steps', type=_count(1), default=150, help='optimizer steps of each adaptation run')
     x.add_argument('--quick', action='store_true', help='tiny sizes: checks the plumbing')
-    x.add_argument('--learning', action='store_true', help="chapter 9's learning-speed study instead (results for nbs/learning_cache)")
-    x.add_argument('--recipe', action='store_true', help="chapter 9's mixup study instead (results for nbs/recipe_cache)")
+    x.add_argument('--learning', action='store_true', help="the learning-speed study instead (results for nbs/learning_cache)")
+    x.add_argument('--recipe', action='store_true', help="the mixup study instead (results for nbs/recipe_cache)")
     return p
 
 COMMANDS = dict(data=cmd_data, train=cmd_train, evaluate=cmd_evaluate, reconstruct=cmd_reconstruct, adapt=cmd_adapt,
                 bench=cmd_bench, demo=cmd_demo, experiments=cmd_experiments)
 
 def main(argv=None) -> int:
-    "Entry point of the `mindlink` command; returns the exit status (0, or 2 for bad input)."
+    "Entry point of the `mindlink` command; returns the exit status (0; 2 for bad input; 130 when interrupted)."
     args = build_parser().parse_args(argv)
     try: COMMANDS[args.command](args)
     except MindLinkError as e:
         print(f'mindlink {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f'mindlink {args.command}: interrupted', file=sys.stderr)
+        return 130
     return 0
 
 def _in_notebook() -> bool:

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['BETA_SCALE', 'STIMULI_KEY', 'TEST_SPLITS', 'NSD_SUBJECTS', 'NSD_TRIALS_PER_SESSION', 'NSD_DESIGN_SHAPES',
            'NSD_STIMULI_SHAPE', 'NSD_BUCKET', 'PAPER_SUBJECTS', 'expdesign_path', 'stimuli_path', 'betas_dir',
-           'betas_path', 'roi_path', 'brainmask_path', 't1_path', 'load_nifti', 'load_expdesign', 'NSDReader',
-           'read_session_roi', 'zscore_session', 'accumulate_by_image', 'SubjectData', 'split_sessions',
-           'make_nsd_rehearsal', 'NSDCheck', 'check_nsd', 'make_mini_nsd', 'plot_rois', 'plot_responses',
-           'bench_reader']
+           'betas_path', 'roi_path', 'brainmask_path', 't1_path', 'need_file', 'load_nifti', 'load_expdesign',
+           'NSDReader', 'read_session_roi', 'zscore_session', 'accumulate_by_image', 'SubjectData', 'split_sessions',
+           'nifti_header', 'write_nifti_stream', 'make_nsd_rehearsal', 'NSDCheck', 'check_nsd', 'plot_rois',
+           'plot_responses']
 
 # %% ../nbs/01_data.ipynb #1bfd3bba
-import re, tempfile, time, zlib
+import re, zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +56,7 @@ def t1_path(root, subj: int) -> Path:
     return Path(root)/f'nsddata/ppdata/subj{subj:02d}/func1pt8mm/T1_to_func1pt8mm.nii.gz'
 
 # %% ../nbs/01_data.ipynb #ea176e7c
-def _need(path, what: str) -> Path:
+def need_file(path, what: str) -> Path:
     "`path` if it exists, else a `MindLinkError` saying which NSD file is missing."
     path = Path(path)
     if not path.exists(): raise MindLinkError(f'{path}: file not found (expected {what})')
@@ -64,7 +64,7 @@ def _need(path, what: str) -> Path:
 
 def load_nifti(path, what: str = 'a NIfTI image'):
     "A lazily-loaded NIfTI image (header read, data on demand)."
-    path = _need(path, what)
+    path = need_file(path, what)
     try: return nib.load(str(path), keep_file_open=True)
     except Exception as e: raise MindLinkError(f'{path}: not a readable NIfTI file ({e}); expected {what}') from None
 
@@ -77,7 +77,7 @@ def _read_mat(path):
 def load_expdesign(path) -> dict:
     "`subjectim` (S, n) and 1-D `masterordering`, `sharedix` (all 1-based, int64) from `nsd_expdesign.mat`."
     what = 'nsd_expdesign.mat with subjectim (8, n), masterordering (1, n_trials), sharedix (1, n_shared)'
-    path = _need(path, what)
+    path = need_file(path, what)
     try: m = _read_mat(path)
     except Exception as e: raise MindLinkError(f'{path}: not a readable .mat file ({e}); expected {what}') from None
     missing = [k for k in ('subjectim', 'masterordering', 'sharedix') if k not in m]
@@ -323,7 +323,7 @@ def load_subject(self: NSDReader, subj,
 # %% ../nbs/01_data.ipynb #f06e889b
 class _open_stimuli:
     "Context manager: `nsd_stimuli.hdf5` opened read-only and checked."
-    def __init__(self, path): self.path = _need(path, 'nsd_stimuli.hdf5 with dataset imgBrick (n, H, W, 3) uint8')
+    def __init__(self, path): self.path = need_file(path, 'nsd_stimuli.hdf5 with dataset imgBrick (n, H, W, 3) uint8')
     def __enter__(self):
         try: self.f = h5py.File(self.path, 'r')
         except OSError as e:
@@ -411,13 +411,14 @@ def _posterior_roi(shape, n_voxels: int, seed: int = 0, thickness: float = 0.06)
     m = np.zeros(int(np.prod(shape)), bool); m[shell[np.argsort(score, kind='stable')[:n_voxels]]] = True
     return m.reshape(shape)
 
-def _nifti_header(shape, dtype, affine):
+def nifti_header(shape, dtype, affine):
+    "A NIfTI-1 header for data of `shape` and `dtype` in NSD's func1pt8mm space (1.8 mm voxels), the data at byte 352."
     hdr = nib.Nifti1Header()
     hdr.set_data_shape(shape); hdr.set_data_dtype(dtype); hdr.set_zooms((1.8, 1.8, 1.8) + (1.,) * (len(shape) - 3))
     hdr.set_qform(affine, 1); hdr.set_sform(affine, 1); hdr['vox_offset'] = 352
     return hdr
 
-def _write_nifti_stream(path, hdr, volumes, compresslevel: int = 1):
+def write_nifti_stream(path, hdr, volumes, compresslevel: int = 1):
     "Write a .nii.gz volume by volume (the last axis is the slowest on disk), never holding the whole 4D array."
     z = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # wbits 31: a gzip stream, CRC computed by zlib
     with atomic_write(path) as f:
@@ -478,8 +479,8 @@ def make_nsd_rehearsal(root,
         brain = ((((g - (np.array(shape) - 1) / 2) / (np.array(shape) * np.array([.45, .47, .45]))) ** 2).sum(-1) <= 1)
         nsdgeneral = np.where(roi, 1, np.where(brain, 0, -1)).astype(np.int16)   # NSD's coding: -1 outside the brain
         roi_path(root, s).parent.mkdir(parents=True, exist_ok=True)
-        _write_nifti_stream(roi_path(root, s), _nifti_header(shape, np.int16, affine), [nsdgeneral], compresslevel)
-        _write_nifti_stream(brainmask_path(root, s), _nifti_header(shape, np.int16, affine), [brain.astype(np.int16)], compresslevel)
+        write_nifti_stream(roi_path(root, s), nifti_header(shape, np.int16, affine), [nsdgeneral], compresslevel)
+        write_nifti_stream(brainmask_path(root, s), nifti_header(shape, np.int16, affine), [brain.astype(np.int16)], compresslevel)
         srng = np.random.default_rng([seed, s])
         pattern = srng.standard_normal((len(shown), n_vox)).astype(np.float32)       # one response pattern per image shown
         col = {int(c): j for j, c in enumerate(shown)}
@@ -491,7 +492,7 @@ def make_nsd_rehearsal(root,
                 yield vol.reshape(shape, order='F')
         betas_dir(root, s).mkdir(parents=True, exist_ok=True)
         for k in range(sessions):
-            _write_nifti_stream(betas_path(root, s, k + 1), _nifti_header(shape + (T,), np.int16, affine), volumes(k), compresslevel)
+            write_nifti_stream(betas_path(root, s, k + 1), nifti_header(shape + (T,), np.int16, affine), volumes(k), compresslevel)
     return root
 
 # %% ../nbs/01_data.ipynb #5bfcc002
@@ -603,12 +604,6 @@ def check_nsd(root,
         except MindLinkError: splits = {}
     return NSDCheck(root, rows, fetch, splits)
 
-# %% ../nbs/01_data.ipynb #2f358021
-def make_mini_nsd(root, *args, **kwargs) -> Path:
-    "Write MiniNSD under `root`; it lives in `mindlink.mininsd.make_mini_nsd` (chapter 1a), this name forwards to it."
-    from mindlink.mininsd import make_mini_nsd as make   # imported here: mindlink.mininsd builds on this module
-    return make(root, *args, **kwargs)
-
 # %% ../nbs/01_data.ipynb #ecbd81cf
 def plot_rois(reader: NSDReader, subjects=None, cut=(0, -60, 10)):
     "A row per subject: its `nsdgeneral` ROI over its brain mask (nilearn, orthogonal cuts at `cut` mm)."
@@ -635,20 +630,3 @@ def plot_responses(reader: NSDReader, data: dict, image_id: int, cut=(-60,)):
         plotting.plot_stat_map(vol, bg_img=reader.anatomy(s), display_mode='y', cut_coords=cut, axes=ax, vmax=1.5,
                                colorbar=False, annotate=False, draw_cross=False, black_bg=True, dim=0, title=f'subj{s:02d}')
     return fig
-
-# %% ../nbs/01_data.ipynb #2dbca0b7
-def bench_reader(root=None, subjects=None, n_stimuli: int = 256, **knobs) -> dict:
-    "Reader throughput on `root` (a default MiniNSD made in a temporary folder if None): volumes/s, MB/s, images/s."
-    with tempfile.TemporaryDirectory() as d:
-        root = make_mini_nsd(Path(d)/'mini_nsd', show_progress=False, **knobs) if root is None else root
-        r = NSDReader(root)
-        subjects = r.subjects() if subjects is None else subjects
-        t = time.perf_counter(); n, nbytes = 0, 0
-        for s in subjects:
-            r.load_subject(s)  # Steps 1-6: stream, z-score, average
-            for _, p, T in r.sessions(s):
-                img = load_nifti(p); n += T; nbytes += int(np.prod(img.shape))*img.get_data_dtype().itemsize
-        dt = time.perf_counter() - t
-        ids = np.random.default_rng(0).choice(r.n_stimuli(), min(n_stimuli, r.n_stimuli()), replace=False)
-        t = time.perf_counter(); r.stimuli(ids); ds = time.perf_counter() - t
-        return dict(volumes=n, seconds=dt, volumes_per_s=n/dt, uncompressed_mb_per_s=nbytes/2**20/dt, stimuli_per_s=len(ids)/ds)

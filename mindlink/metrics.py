@@ -6,10 +6,10 @@
 __all__ = ['METRICS', 'HIGHER_IS_BETTER', 'NETS', 'METRIC_NET', 'pixcorr', 'ssim', 'two_way_identification', 'mean_corr_distance',
            'NetSpec', 'find_weights', 'MetricNet', 'load_metric_net', 'alexnet_metric', 'inception_metric',
            'clip_metric', 'effnet_metric', 'swav_metric', 'evaluate_images', 'retrieval_top1', 'subject_probe_accuracy',
-           'plot_tsne', 'ResultsTable', 'results_table', 'write_random_metric_weights', 'bench_metrics']
+           'plot_tsne', 'ResultsTable', 'results_table', 'write_random_metric_weights']
 
 # %% ../nbs/11_metrics.ipynb #8f20e0b2
-import functools, os, time
+import functools, os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -546,59 +546,3 @@ def write_random_metric_weights(root, seed: int = 0,
                                                           num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768))
     with hf_progress(): clip.save_pretrained(root / NETS['clip'].file)
     return root
-
-# %% ../nbs/11_metrics.ipynb #0c845bd7
-class _Clock:
-    "Wall and CPU (process) seconds of a block; CPU time stays meaningful on a shared, busy machine."
-    def __enter__(self): self.w, self.c = time.perf_counter(), time.process_time(); return self
-    def __exit__(self, *a): self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
-
-def bench_metrics(n: int = 982,                  # image pairs (NSD's shared test set: 982)
-                  size: int = 256,               # image side
-                  sizes=(982, 5000),             # N for the two-way identification timing
-                  feat_dim: int = 768,           # feature width for that timing (CLIP ViT-L/14: 768)
-                  n_net: int | None = 32,        # pairs actually run through each network (None = n)
-                  nets=tuple(NETS),              # networks to time
-                  device=None, batch_size: int = 32, seed: int = 0,
-                  threads: int | None = None     # torch CPU threads for the run (default: torch's current setting)
-                  ) -> dict:
-    "Seconds (wall `_s`, CPU `_cpu_s`) per metric for `n` pairs (random-initialised networks) and for two-way identification at each N in `sizes`."
-    old_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: return _bench_metrics(n, size, sizes, feat_dim, n_net, nets, device, batch_size, seed)
-    finally: torch.set_num_threads(old_threads)
-
-def _bench_metrics(n, size, sizes, feat_dim, n_net, nets, device, batch_size, seed) -> dict:
-    "The body of `bench_metrics`, with the thread count already set."
-    g = torch.Generator().manual_seed(seed)
-    true = torch.rand(n, 3, size, size, generator=g)
-    pred = (true + 0.2 * torch.randn(true.shape, generator=g)).clamp(0, 1)
-    out = {'n': n, 'size': size, 'device': str(get_device(device)), 'threads': torch.get_num_threads()}
-    def put(key, clk, scale=1.0): out[f'{key}_s'], out[f'{key}_cpu_s'] = clk.wall * scale, clk.cpu * scale
-    with _Clock() as c: pixcorr(pred, true)
-    put('PixCorr', c)
-    with _Clock() as c: ssim(pred, true)
-    put('SSIM', c)
-    m = n if n_net is None else min(n, n_net)
-    for net in nets:
-        with _Clock() as c: mnet = load_metric_net(net, None, device)
-        put(f'{net}_load', c)
-        with _Clock() as c: fp, ft = mnet.features(pred[:m], batch_size), mnet.features(true[:m], batch_size)
-        put(f'{net}_features', c, n / m)                 # linear in the number of pairs
-        del mnet
-        # the scoring on all n pairs: features repeated to n rows (its cost depends on the shape only)
-        fp, ft = ({k: v.repeat((n + m - 1) // m, 1)[:n] for k, v in f.items()} for f in (fp, ft))
-        with _Clock() as c:
-            for k in fp: (mean_corr_distance if net in ('effnet', 'swav') else two_way_identification)(fp[k], ft[k])
-        put(f'{net}_scoring', c)
-        out[f'{net}_s'] = out[f'{net}_features_s'] + out[f'{net}_scoring_s']
-        out[f'{net}_cpu_s'] = out[f'{net}_features_cpu_s'] + out[f'{net}_scoring_cpu_s']
-        del fp, ft
-    out['networks_extrapolated'] = m < n
-    out['total_s'] = out['PixCorr_s'] + out['SSIM_s'] + sum(out[f'{net}_s'] for net in nets)
-    out['total_cpu_s'] = out['PixCorr_cpu_s'] + out['SSIM_cpu_s'] + sum(out[f'{net}_cpu_s'] for net in nets)
-    for N in sizes:
-        f = torch.randn(N, feat_dim, generator=g); f2 = f + torch.randn(N, feat_dim, generator=g)
-        with _Clock() as c: two_way_identification(f2, f)
-        put(f'two_way_N{N}', c)
-    return out

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['NSD_SHAPE', 'check_box', 'patchify', 'unpatchify', 'PatchLayout', 'synthetic_roi', 'PatchStore', 'collate_batch',
-           'PatchDataset', 'make_loader', 'plot_patch_grid', 'bench_patchify', 'bench_loader']
+           'PatchDataset', 'make_loader', 'plot_patch_grid']
 
 # %% ../nbs/02_patching.ipynb #ea1a7429
-import base64, hashlib, os, time, warnings
+import base64, hashlib, os, warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import prod
@@ -658,7 +658,7 @@ def plot_patch_grid(layout: PatchLayout, subj: int, z: int | None = None, ax=Non
     z = int(np.median(np.nonzero(m)[2])) if z is None else z
     ax = ax or plt.subplots(figsize=(4, 4))[1]
     ax.imshow(m[:, :, z].T, origin='lower', cmap='Greys', vmin=0, vmax=1.5, interpolation='nearest')
-    gz, (G0, G1, G2) = (z - o2) // p, layout.grid
+    gz, (G0, G1, _) = (z - o2) // p, layout.grid
     kept = set(map(tuple, layout.coords.tolist()))
     for g0 in range(G0):
         for g1 in range(G1):
@@ -670,90 +670,3 @@ def plot_patch_grid(layout: PatchLayout, subj: int, z: int | None = None, ax=Non
            ylim=(min(-.5, o1 - 1), max(m.shape[1], o1 + layout.box[1]) + .5), xlabel='x (voxels)', ylabel='y (voxels)',
            title=title or f'subject {subj}, z = {z}')
     return ax
-
-# %% ../nbs/02_patching.ipynb #fea16f97
-def _median_time(f, repeats):
-    "Median wall time of `f()` over `repeats` runs, after one warm-up run."
-    f(); ts = []
-    for _ in range(repeats):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-def bench_patchify(shape=NSD_SHAPE, n_voxels: int = 15_000, patch: int = 10, batch: int = 32,
-                   repeats: int = 5, seed: int = 0) -> dict:
-    "Patchify throughput on `batch` NSD-sized float32 volumes against a plain numpy copy of the same bytes."
-    roi = synthetic_roi(shape, n_voxels, seed=seed)
-    lay = PatchLayout.fit({1: roi}, patch)
-    vols = np.random.default_rng(seed).standard_normal((batch,) + tuple(shape), dtype=np.float32)
-    betas = np.ascontiguousarray(vols[:, roi])                      # (batch, n_roi)
-    same_bytes = np.ascontiguousarray(patchify(vols, lay.origins[1], lay.box, patch))
-    nbytes = same_bytes.nbytes                                      # the box of every volume
-    t_copy = _median_time(lambda: same_bytes.copy(), repeats)
-    t_patchify = _median_time(lambda: patchify(vols, lay.origins[1], lay.box, patch), repeats)
-    t_tokens = _median_time(lambda: lay.tokens(1, vols), repeats)
-    t_roi = _median_time(lambda: lay.roi_tokens(1, betas), repeats)
-    return dict(shape=tuple(shape), roi_voxels=int(roi.sum()), patch=patch, box=lay.box, L=lay.n_patches, batch=batch,
-                copy_GBps=nbytes / t_copy / 1e9, patchify_GBps=nbytes / t_patchify / 1e9,
-                patchify_vs_copy=t_copy / t_patchify, patchify_volumes_per_s=batch / t_patchify,
-                tokens_volumes_per_s=batch / t_tokens, roi_tokens_volumes_per_s=batch / t_roi)
-
-# %% ../nbs/02_patching.ipynb #87cf9b6b
-def bench_loader(n_images: int = 1024,        # samples in the synthetic store (split over `n_subjects`)
-                 n_subjects: int = 4,
-                 patch: int = 10,             # paper preset: P = 1000
-                 batch_size: int = 256,       # paper preset
-                 workers=(0, 2),              # `num_workers` settings to time
-                 store_dtype='float16',
-                 dtypes=(torch.float32, torch.float16),  # dtypes of the batches handed to the model
-                 n_batches: int = 8,          # batches timed per setting (after a warm-up epoch)
-                 step_samples_per_s: float | None = None,  # what a train step consumes, for the ratio
-                 root=None, seed: int = 0) -> dict:
-    "Samples/s at the paper's token shapes from an on-disk store (page cache warm): loader settings, raw gathers, GPU paths."
-    import tempfile
-    lay = PatchLayout.fit({s: synthetic_roi(seed=seed) for s in range(1, n_subjects + 1)}, patch)
-    L, P, per = lay.n_patches, lay.patch_dim, n_images // n_subjects
-    rng = np.random.default_rng(seed)
-    res = dict(L=L, P=P, batch_size=batch_size, store_dtype=str(store_dtype), n_images=per * n_subjects,
-               threads=torch.get_num_threads())
-    with tempfile.TemporaryDirectory(dir=root) as d:
-        store = PatchStore.from_tokens(
-            d, lay, {s: rng.standard_normal((per, L, P), dtype=np.float32).astype(store_dtype) for s in lay.subjects},
-            {s: np.arange(per) + 10_000 * s for s in lay.subjects}, dtype=store_dtype)
-        for dt in dtypes:
-            name = str(dt).split('.')[-1]
-            ds = PatchDataset(store, dtype=dt)
-            for w in workers:
-                dl = make_loader(ds, batch_size, shuffle=True, num_workers=w, drop_last=True, seed=seed)
-                for _ in dl: pass                                        # warm-up: workers, page cache
-                n, t = 0, time.perf_counter()
-                while n < n_batches:
-                    for _ in dl:
-                        n += 1
-                        if n == n_batches: break
-                res[f'loader[{name}, workers={w}]'] = n_batches * batch_size / (time.perf_counter() - t)
-                del dl
-            # the gather alone into a reused buffer: what pinned (cached) or caller-owned buffers achieve
-            batches = [rng.choice(len(ds), batch_size, replace=False) for _ in range(n_batches)]
-            buf = torch.empty((batch_size, L, P), dtype=dt)
-            it = iter(range(10**9))
-            res[f'gather into reused buffer[{name}]'] = batch_size / _median_time(
-                lambda: ds.batch(batches[next(it) % n_batches], out=buf), n_batches)
-            ds.preload()                                                 # whole dataset in RAM
-            res[f'preloaded in RAM[{name}]'] = batch_size / _median_time(
-                lambda: ds.batch(batches[next(it) % n_batches]), n_batches)
-            if torch.cuda.is_available():                                # the GPU paths, when there is a GPU
-                dev, ds = torch.device('cuda'), PatchDataset(store, dtype=dt)
-                dl = make_loader(ds, batch_size, num_workers=0, pin_memory=True, drop_last=True, seed=seed)
-                def to_gpu():
-                    for b in dl: b['patches'].to(dev, non_blocking=True)
-                    torch.cuda.synchronize()
-                res[f'loader pinned -> cuda[{name}]'] = (len(dl) * batch_size) / _median_time(to_gpu, 2)
-                ds.preload(dev)
-                def on_gpu(): ds.batch(batches[next(it) % n_batches]); torch.cuda.synchronize()
-                res[f'preloaded on cuda[{name}]'] = batch_size / _median_time(on_gpu, n_batches)
-            del ds
-    res['best_loader_samples_per_s'] = max(v for k, v in res.items() if k.startswith('loader['))
-    if step_samples_per_s:
-        res.update(step_samples_per_s=step_samples_per_s,
-                   loader_vs_step=res['best_loader_samples_per_s'] / step_samples_per_s)
-    return res

@@ -141,10 +141,10 @@ def test_bench(tmp_path, capsys):
 
 
 def test_bench_gpu_smoke_through_the_gpu_script(tmp_path):
-    "The first GPU check's exact command, at tiny sizes on this machine: scripts/gpu_check.sh --smoke (nbs/09_training.ipynb)."
+    "The GPU check's exact command, at tiny sizes on this machine: scripts/gpu_check.sh --smoke (nbs/13a_benchmarks.ipynb)."
     script = Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_check.sh'
-    r = subprocess.run(['bash', str(script), '--smoke'], capture_output=True, text=True, timeout=600,
-                       env={**__import__('os').environ, 'PYTHON': sys.executable, 'OUT': str(tmp_path), 'OMP_NUM_THREADS': '1'})
+    r = subprocess.run(['bash', str(script), '--smoke', '--out', str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**__import__('os').environ, 'PYTHON': sys.executable, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads((tmp_path / 'bench_gpu.json').read_text())
     sec = res['sections']

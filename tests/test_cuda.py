@@ -1,11 +1,13 @@
-"""GPU checks, flagged `cuda` (`pytest -m cuda`): `mindlink bench gpu` runs them on a CUDA machine (nbs/09_training.ipynb);
+"""GPU checks, flagged `cuda` (`pytest -m cuda`): `mindlink bench gpu` runs them on a CUDA machine (nbs/13a_benchmarks.ipynb);
 without a GPU they are skipped. Each one checks something a CPU cannot: no host sync in a training step, the compiled
 model, bf16 training and resume, the GPU batch paths, reconstruction on the GPU."""
 import pytest
 import torch
 
 from mindlink.model import MindLink, MindLinkConfig
-from mindlink.training import LOSS_KEYS, Trainer, _synthetic_data, bench_batches, train, verify_checkpoint
+from mindlink.bench import bench_batches, synthetic_train_data
+from mindlink.runs import verify_checkpoint
+from mindlink.training import LOSS_KEYS, Trainer, train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 
@@ -15,7 +17,7 @@ ROI = dict(shape=(16, 16, 16), n_voxels=300)  # a small synthetic ROI: L = 48 pa
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     "A float16 patch store (4 subjects x 16 images) with random targets, at the tiny preset's shapes."
-    return _synthetic_data(MindLinkConfig.tiny(), 64, tmp_path_factory.mktemp('store'), roi_kw=ROI)
+    return synthetic_train_data(MindLinkConfig.tiny(), 64, tmp_path_factory.mktemp('store'), roi_kw=ROI)
 
 
 def _inputs(cfg, n=4, L=27, device='cuda'):
@@ -31,14 +33,14 @@ def test_training_step_never_waits_for_the_gpu(data, tmp_path):
     tr = Trainer(cfg, data, tmp_path, device='cuda', preload=True, progress_bar=False)
     t = tr._tensors['patches']
     assert t.is_cuda and t.dtype == torch.float16 and len(t) == len(tr.sampler.share)  # the rank's share, as stored
-    it, sums = iter(tr._batches()), torch.zeros(len(LOSS_KEYS), device=tr.device)
+    it, sums = iter(tr.batches()), torch.zeros(len(LOSS_KEYS), device=tr.device)
     for step in (0, tr.schedule.warmup_steps):  # one step of each phase first: kernels chosen, workspaces allocated
-        tr.state['step'] = step; tr._train_step([next(it)], sums)
+        tr.state['step'] = step; tr.train_step([next(it)], sums)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')  # any device->host sync now raises
     try:
         for step in (0, tr.schedule.warmup_steps):
-            tr.state['step'] = step; tr._train_step([next(it)], sums)
+            tr.state['step'] = step; tr.train_step([next(it)], sums)
     finally: torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(sums).all() and (sums[:2] > 0).all()
 
@@ -67,10 +69,10 @@ def test_compiled_model_matches_eager_with_one_graph_per_phase():
 
 def test_bf16_training_on_the_gpu_resumes(data, tmp_path):
     cfg = MindLinkConfig.tiny(batch_size=8, epochs=2, warmup_epochs=1, log_every=2, eval_every=1, ckpt_every=1)
-    half = train(cfg, data, tmp_path, device='cuda', max_steps=5, progress_bar=False)
+    half = train(cfg, data, tmp_path, device='cuda', max_steps=5, progress_bar=False).summary
     assert half['precision'] == ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') and half['step'] == 5
     assert verify_checkpoint(tmp_path)['step'] == 5
-    full = train(cfg, data, tmp_path, resume=True, device='cuda', progress_bar=False)
+    full = train(cfg, data, tmp_path, resume=True, device='cuda', progress_bar=False).summary
     assert full['step'] == full['total_steps'] == 16
     assert all(torch.isfinite(torch.tensor(full['last'][k])) for k in LOSS_KEYS)
 

@@ -8,8 +8,8 @@ import pytest
 import scipy.io
 
 from mindlink.data import (BETA_SCALE, NSDReader, SubjectData, betas_path, brainmask_path, expdesign_path,
-                           make_mini_nsd, read_session_roi, roi_path, stimuli_path)   # make_mini_nsd: the stable name, forwarded
-from mindlink.mininsd import TINY_MINI_NSD
+                           read_session_roi, roi_path, stimuli_path)
+from mindlink.mininsd import TINY_MINI_NSD, make_mini_nsd
 from mindlink.utils import MindLinkError
 
 SHAPE, T, N_SESS = (4, 5, 3), 6, 2          # volume, trials per session, sessions per subject

@@ -15,7 +15,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from mindlink.metrics import _lin, _resize_matrices
-from mindlink.metrics import (METRICS, NETS, MetricNet, alexnet_metric, bench_metrics, clip_metric, effnet_metric,
+from mindlink.bench import bench_metrics
+from mindlink.metrics import (METRICS, NETS, MetricNet, alexnet_metric, clip_metric, effnet_metric,
                               evaluate_images, find_weights, inception_metric, load_metric_net, mean_corr_distance,
                               pixcorr, plot_tsne, results_table, retrieval_top1, ssim, subject_probe_accuracy,
                               swav_metric, two_way_identification)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mindlink.embeddings import IPAdapterPlusEmbedder, RegionPCAEmbedder, load_ip_adapter_resampler
-from mindlink.reconstruction import (RegionPCADecoder, SDReconstructor, bench_reconstruct, build_tiny_sd_ip_adapter,
+from mindlink.bench import bench_reconstruct
+from mindlink.reconstruction import (RegionPCADecoder, SDReconstructor, build_tiny_sd_ip_adapter,
                                      inject_tokens, make_reconstructor, plot_reconstructions)
 from mindlink.utils import MindLinkError
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from mindlink.model import MindLinkConfig
-from mindlink.training import (as_config, bench_train, load_checkpoint, load_weights, predict_tokens, torch_load, train,
-                               verify_checkpoint)
+from mindlink.bench import bench_train
+from mindlink.model import as_config
+from mindlink.runs import load_checkpoint, load_weights, torch_load, verify_checkpoint
+from mindlink.training import predict_tokens, train
 from mindlink.utils import MindLinkError, load_safetensors
 
 CFG = dict(batch_size=16, epochs=3, warmup_epochs=1, lr=2e-3, log_every=2, eval_every=1, ckpt_every=1, dropout=0.1)
@@ -22,7 +24,7 @@ def cfg(): return MindLinkConfig.tiny(**CFG)
 def full_run(mini_nsd_root, cfg, tmp_path_factory):
     "An uninterrupted reference run."
     out = tmp_path_factory.mktemp('full')
-    return train(cfg, mini_nsd_root, out, progress_bar=False), out
+    return train(cfg, mini_nsd_root, out, progress_bar=False).summary, out
 
 
 def _weights(run_dir):
@@ -86,8 +88,9 @@ def test_two_processes_one_preparation(mini_nsd_root, full_run, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]                           # identical weights on both ranks
     # one preparation: one store (complete, no partial files), one embedder fit, one embedding file
     cache = root / 'mindlink_cache'
-    assert sorted(p.name for p in cache.iterdir()) == ['embedder_regionpca_n16_d64_subj1-2-3-4', 'embeddings', f'patches_p{TINY_P}']
-    assert not list(cache.rglob('*.partial.npy')) and not list(cache.rglob('progress.json')) and len(list((cache / 'embeddings').iterdir())) == 1
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 3 and names[0].startswith('embedder_regionpca_n16_d64_subj1-2-3-4_') and names[1:] == ['embeddings', f'patches_p{TINY_P}']
+    assert not list(cache.rglob('*.partial.npy')) and not list(cache.rglob('progress.json')) and len(list((cache / 'embeddings').rglob('*.safetensors'))) == 1
     seen = [json.loads((out / f'seen_rank{k}.json').read_text()) for k in range(2)]
     B = CFG['batch_size']
     for epoch in range(CFG['epochs']):
@@ -121,7 +124,7 @@ def test_bad_config_and_checkpoints(mini_nsd_root, cfg, full_run, tmp_path):
 def test_finetune_new_subject_and_predict(mini_nsd_root, cfg, full_run, tmp_path):
     summary, full = full_run
     ft = cfg.replace(n_subjects=1, epochs=2, warmup_epochs=0, batch_size=8)
-    s = train(ft, mini_nsd_root, tmp_path, subjects=[5], n_train=16, init_from=full / 'checkpoints', progress_bar=False)
+    s = train(ft, mini_nsd_root, tmp_path, subjects=[5], n_train=16, init_from=full / 'checkpoints', progress_bar=False).summary
     assert s['step'] == 2 * 2 and (tmp_path / 'embedder' / 'config.json').exists()
     ck = load_checkpoint(tmp_path)
     assert ck.config.n_subjects == 1 and ck.state['subjects'] == [5]
@@ -145,19 +148,21 @@ def test_bench_train_tiny():
 def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
     "The trainer's cut of a step on a GPU, with the free memory mocked: the micro-batch follows the memory, accumulation keeps B."
     from types import SimpleNamespace
-    from mindlink import training
+    from mindlink import precision, training
     from mindlink.model import MindLink
+    from mindlink.prepare import prepare_data
     cfg = MindLinkConfig.tiny(batch_size=64)
-    data = training.prepare_data(cfg, mini_nsd_root)
+    data = prepare_data(cfg, mini_nsd_root)
     cfg = cfg.with_grid(data.coords)
     mib = 2**20
     est = {False: dict(per_sample=10 * mib, fixed=0), True: dict(per_sample=2 * mib, fixed=0)}
-    monkeypatch.setattr(training, 'activation_estimate', lambda c, L, dtype=None: est[c.grad_checkpointing])
+    monkeypatch.setattr(precision, 'activation_estimate', lambda c, L, dtype=None: est[c.grad_checkpointing])
     trainer = SimpleNamespace(cfg=cfg, data=data, module=MindLink(cfg), precision='bf16', device=torch.device('cuda', 0),
                               acc=SimpleNamespace(num_processes=1))
+    nbytes = training._share_bytes(data.train, len(data.train))    # the training set as stored (float16 patches), as preloaded
     def plan(free, micro_batch=None, preload=False):
-        monkeypatch.setattr(training, 'device_free_bytes', lambda d: free)
-        p = training.Trainer._plan_memory(trainer, micro_batch, preload)
+        trainer._free = free
+        p = training.Trainer._plan_memory(trainer, micro_batch, nbytes if preload else 0)
         assert p.micro_batch * p.accum == 64
         return p.micro_batch, p.accum, p.grad_checkpointing
     states = 16 * sum(p.numel() for p in trainer.module.parameters())          # fp32 weights, gradients, AdamW moments
@@ -166,9 +171,6 @@ def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
     assert plan(free(170 * mib)) == (16, 4, False)                          # 170 MiB / 10 MiB per sample: 17, so 16
     assert plan(free(9 * mib)) == (4, 16, True)                             # not one sample without recomputation: checkpointing
     assert plan(2**30, micro_batch=8) == (8, 8, False)           # --micro-batch wins
-    item = data.train[0]; held = training._stored_dtype(data.train, item)      # preloaded as stored (float16 patches)
-    nbytes = len(data.train) * sum(torch.as_tensor(v).numel() * (held.itemsize if k == 'patches' else torch.as_tensor(v).element_size())
-                                   for k, v in item.items())
     room = 160 * mib + nbytes // 2                                            # 16 samples fit, not 16 and the training set
     assert (plan(free(room))[0], plan(free(room), preload=True)[0], plan(free(room + nbytes), preload=True)[0]) == (16, 8, 16)
     with pytest.raises(MindLinkError, match='does not fit on this device'): plan(free(mib))
@@ -177,14 +179,14 @@ def test_trainer_fits_micro_batch_to_free_memory(mini_nsd_root, monkeypatch):
 
 def test_bench_step_halves_the_micro_batch_on_out_of_memory(monkeypatch):
     "`mindlink bench gpu` fits the paper step by halving the micro-batch on OOM (simulated here: no GPU needed)."
-    import mindlink.training as T
+    import mindlink.bench as T
     tried = []
     def fake_bench_train(preset, batch_size, grad_accum, **kw):
         tried.append(batch_size // grad_accum)
         if batch_size // grad_accum > 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
         return dict(micro_batch=batch_size // grad_accum, grad_accum=grad_accum)
     monkeypatch.setattr(T, 'bench_train', fake_bench_train)
-    r = T._fit_step('tiny', 16, 27, False, 'cpu', 1, 1)
+    r = T.fit_step('tiny', 16, 27, False, 'cpu', 1, 1)
     assert tried == [16, 8, 4, 2] and r == dict(micro_batch=2, grad_accum=8, out_of_memory_at=[16, 8, 4])
     monkeypatch.setattr(T, 'bench_train', lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError('always')))
-    with pytest.raises(MindLinkError, match='out of memory even at micro-batch 1'): T._fit_step('tiny', 4, 27, False, 'cpu', 1, 1)
+    with pytest.raises(MindLinkError, match='out of memory even at micro-batch 1'): T.fit_step('tiny', 4, 27, False, 'cpu', 1, 1)
