@@ -48,9 +48,18 @@ def directives(src: str) -> list[str]:
     return out
 
 
+FIGURE_TEXT_MODULE = 'mindlink_book_figure_text'
+
+
 def figure_text_cell() -> dict:
-    "The hidden first cell of a staged chapter: scripts/figure_fonts.py pasted in, then installed (see the docstring)."
-    src = (ROOT / 'scripts' / 'figure_fonts.py').read_text() + '\ninstall()\n'
+    """The hidden first cell of a staged chapter: scripts/figure_fonts.py, run as a module of its own (registered as
+    `FIGURE_TEXT_MODULE`, so that no name of it lands in the chapter's namespace), then installed."""
+    code = (ROOT / 'scripts' / 'figure_fonts.py').read_text()
+    src = ('import sys, types\n'
+           f'_m = sys.modules[{FIGURE_TEXT_MODULE!r}] = types.ModuleType({FIGURE_TEXT_MODULE!r})\n'
+           f'exec(compile({code!r}, "figure_fonts.py", "exec"), _m.__dict__)\n'
+           '_m.install()\n'
+           'del _m, sys, types\n')
     return {'cell_type': 'code', 'execution_count': None, 'id': 'mindlink-figure-text', 'outputs': [],
             'metadata': {'tags': ['remove-cell']}, 'source': src}
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'scripts'))
 import figure_fonts  # noqa: E402
 import read_book  # noqa: E402
+import build_book  # noqa: E402
 from build_book import HTML, stage_notebook, toc_files  # noqa: E402
 
 CHAPTERS = toc_files(yaml.safe_load((ROOT / 'book' / '_toc.yml').read_text()))
@@ -201,14 +202,29 @@ def test_process_text_check_can_fail():
 
 
 def test_build_records_figure_text(tmp_path):
-    "build_book.py stages every chapter with the hidden cell that installs the figure-text hook first."
+    """build_book.py stages every chapter with a hidden first cell that installs the figure-text hook, leaving no name
+    in the chapter's namespace; after it, a figure's PNG carries its record."""
+    import matplotlib
+    matplotlib.use('agg')
+    import matplotlib.pyplot as plt
     nb = {'cells': [{'cell_type': 'code', 'id': 'a', 'metadata': {}, 'outputs': [], 'execution_count': None,
                      'source': 'import matplotlib.pyplot as plt'}], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}
     (tmp_path / 'in.ipynb').write_text(json.dumps(nb))
     stage_notebook(tmp_path / 'in.ipynb', tmp_path / 'out.ipynb')
-    first = json.loads((tmp_path / 'out.ipynb').read_text())['cells'][0]
-    assert first['metadata']['tags'] == ['remove-cell'] and first['source'].rstrip().endswith('install()')
-    assert figure_fonts.KEY in first['source']
+    cells = json.loads((tmp_path / 'out.ipynb').read_text())['cells']
+    assert len(cells) == 2 and cells[0]['metadata']['tags'] == ['remove-cell']
+    namespace = {}
+    try:
+        exec(cells[0]['source'], namespace)
+        assert set(namespace) == {'__builtins__'}, f'the hidden cell left names behind: {set(namespace)}'
+        fig, ax = plt.subplots(figsize=(3, 2)); ax.set_title('recorded', fontsize=9); fig.savefig(tmp_path / 'f.png')
+        plt.close(fig)
+        rec = figure_fonts.read(tmp_path / 'f.png')
+        assert rec['min_pt'] == 9.0 and rec['title'] == 'recorded' and rec['dpi'] == fig.dpi, rec
+    finally:
+        sys.modules.pop(build_book.FIGURE_TEXT_MODULE).uninstall()
+    fig, ax = plt.subplots(figsize=(3, 2)); fig.savefig(tmp_path / 'g.png'); plt.close(fig)
+    assert figure_fonts.read(tmp_path / 'g.png') == {}   # uninstalled: matplotlib's PNG, no record
 
 
 _PAGES = {}   # chapter -> what Chromium collected, shared by the reading and the figure tests (one page load each)
