@@ -223,7 +223,7 @@ def load_ip_adapter_resampler(weight_file) -> torch.nn.Module:
 
 # %% ../nbs/07_embeddings.ipynb #d0e8bad3
 class IPAdapterPlusEmbedder:
-    "The paper's $E_I$: CLIP vision penultimate hidden states → IP-Adapter Plus resampler → `N_I` tokens."
+    "Full-scale $E_I$: CLIP ViT-H/14 penultimate hidden states → IP-Adapter Plus resampler → `N_I` tokens."
     def __init__(self, image_encoder, resampler, device=None, dtype=None, name: str = 'ip-adapter-plus',
                  source: dict | None = None):  # where the weights came from (`from_pretrained`'s arguments): recorded by `save`
         from transformers import CLIPImageProcessor

@@ -9,6 +9,10 @@ Jupyter Book cell tags without touching the sources:
 - `#| echo: false`  -> `remove-input` (a figure whose drawing code is not the point)
 - the `#|` directive lines themselves are dropped from the rendered source.
 
+Each staged chapter starts with one more cell, removed from the book: it installs `scripts/figure_fonts.py`, which
+writes into every matplotlib PNG a record of the text drawn on it (font sizes, dpi, legends over data), so that the
+reader's test (scripts/read_book.py) can tell how large each figure's text reads on the page.
+
 Cells flagged `#|slow` are skipped by `nbdev_test` but executed here, so every cell runs in CI once.
 Every chapter is executed from a fresh kernel (`execute_notebooks: force`); a failing cell fails the build.
 `book/_static` (MathJax, the book's CSS) is staged as `_assets`: Jupyter Book adds every `.js` file under a source
@@ -44,8 +48,25 @@ def directives(src: str) -> list[str]:
     return out
 
 
+FIGURE_TEXT_MODULE = 'mindlink_book_figure_text'
+
+
+def figure_text_cell() -> dict:
+    """The hidden first cell of a staged chapter: scripts/figure_fonts.py, run as a module of its own (registered as
+    `FIGURE_TEXT_MODULE`, so that no name of it lands in the chapter's namespace), then installed."""
+    code = (ROOT / 'scripts' / 'figure_fonts.py').read_text()
+    src = ('import sys, types\n'
+           f'_m = sys.modules[{FIGURE_TEXT_MODULE!r}] = types.ModuleType({FIGURE_TEXT_MODULE!r})\n'
+           f'exec(compile({code!r}, "figure_fonts.py", "exec"), _m.__dict__)\n'
+           '_m.install()\n'
+           'del _m, sys, types\n')
+    return {'cell_type': 'code', 'execution_count': None, 'id': 'mindlink-figure-text', 'outputs': [],
+            'metadata': {'tags': ['remove-cell']}, 'source': src}
+
+
 def stage_notebook(src: Path, dst: Path):
     nb = json.loads(src.read_text())
+    nb['cells'].insert(0, figure_text_cell())
     for cell in nb['cells']:
         if cell['cell_type'] != 'code': continue
         text = ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
