@@ -77,7 +77,7 @@ def cmd_data(a):
             (a.out / 'fetch.txt').write_text(''.join(f'{c}\n' for c in chk.fetch_commands()))
         chk.raise_if_incomplete()
     elif a.what == 'mini-nsd':
-        knobs = {**(mininsd.TINY_MINI_NSD if a.tiny else {}), **dict(a.set)}
+        knobs = {**(mininsd.TINY_MINI_NSD if a.tiny else {}), 'snr': a.snr, **dict(a.set)}
         root = mininsd.make_mini_nsd(a.out, seed=a.seed, overwrite=a.overwrite, **knobs)
         print(f'MiniNSD written to {root}')
     else:
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--out', required=True, type=Path, help='data root to write')
     m.add_argument('--seed', type=_count(0), default=0)
     m.add_argument('--tiny', action='store_true', help='the tests\' size (about a second to write)')
+    m.add_argument('--snr', default='default', help="noise level: 'default', or 'nsd' (NSD's median noise ceiling of its ROI)")
     m.add_argument('--overwrite', action='store_true', help='replace a MiniNSD written with other settings')
     _add_set(m, 'a make_mini_nsd knob (n_train, n_shared, noise, ...)')
     i = dsub.add_parser('info', help='subjects, split sizes and ROI sizes of an NSD-layout folder')

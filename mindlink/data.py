@@ -7,8 +7,8 @@ __all__ = ['BETA_SCALE', 'STIMULI_KEY', 'TEST_SPLITS', 'NSD_SUBJECTS', 'NSD_TRIA
            'NSD_STIMULI_SHAPE', 'NSD_BUCKET', 'PAPER_SUBJECTS', 'expdesign_path', 'stimuli_path', 'betas_dir',
            'betas_path', 'roi_path', 'brainmask_path', 't1_path', 'need_file', 'load_nifti', 'load_expdesign',
            'NSDReader', 'read_session_roi', 'zscore_session', 'accumulate_by_image', 'SubjectData', 'split_sessions',
-           'nifti_header', 'write_nifti_stream', 'make_nsd_rehearsal', 'NSDCheck', 'check_nsd', 'plot_rois',
-           'plot_responses']
+           'nifti_header', 'write_nifti_stream', 'make_nsd_rehearsal', 'NSDCheck', 'check_nsd', 'NoiseCeiling',
+           'nc_from_ncsnr', 'noise_ceiling', 'plot_rois', 'plot_responses']
 
 # %% ../nbs/01_data.ipynb #1bfd3bba
 import re, zlib
@@ -603,6 +603,75 @@ def check_nsd(root,
             splits = {k: len(reader.shared_images(subjects, split_sessions(k))) for k in TEST_SPLITS}
         except MindLinkError: splits = {}
     return NSDCheck(root, rows, fetch, splits)
+
+# %% ../nbs/01_data.ipynb #8c6b1d20
+@dataclass
+class NoiseCeiling:
+    "Per-voxel noise ceiling of trial-level betas (NSD's definition)."
+    ncsnr: np.ndarray      # (V,) noise-ceiling SNR
+    noise_var: np.ndarray  # (V,) s², noise variance of the session-z-scored betas
+    n_trials: int          # n: the noise ceiling `nc` is that of the mean of n trials
+    n_images: int          # images shown at least twice (those that measure the noise)
+
+    @property
+    def nc(self) -> np.ndarray: return nc_from_ncsnr(self.ncsnr, self.n_trials)   # (V,) NC(n) in %
+    def __repr__(self): return f'NoiseCeiling({len(self.ncsnr)} voxels, median ncsnr {np.median(self.ncsnr):.3f}, median NC({self.n_trials}) {np.median(self.nc):.1f}%)'
+    def summary(self) -> dict:
+        "Medians over the voxels: ncsnr (with its 10th and 90th percentiles), NC of single trials and of the mean of n."
+        q10, med, q90 = np.percentile(self.ncsnr, [10, 50, 90])
+        return dict(voxels=len(self.ncsnr), images=self.n_images, ncsnr=float(med), ncsnr_10=float(q10), ncsnr_90=float(q90),
+                    nc_single=float(nc_from_ncsnr(med, 1)), nc=float(nc_from_ncsnr(med, self.n_trials)), n_trials=self.n_trials)
+
+def _trial_arrays(betas, image_ids, sessions, n_trials) -> tuple:
+    "`(betas, image_ids, sessions)` as arrays, checked: one id and one session per trial, finite betas, n_trials > 0."
+    b = np.asarray(betas)
+    if b.ndim != 2 or len(b) == 0: raise MindLinkError(f'betas: expected a 2-D (trials, voxels) array, got shape {b.shape}')
+    ids = np.asarray(image_ids).reshape(-1)
+    if len(ids) != len(b): raise MindLinkError(f'image_ids: expected one id per trial ({len(b)}), got {len(ids)}')
+    ses = np.zeros(len(b), np.int64) if sessions is None else np.asarray(sessions).reshape(-1)
+    if len(ses) != len(b): raise MindLinkError(f'sessions: expected one session per trial ({len(b)}), got {len(ses)}')
+    if not (np.ndim(n_trials) == 0 and n_trials > 0): raise MindLinkError(f'n_trials={n_trials}: expected a positive number of trials')
+    if not np.isfinite(b).all(): raise MindLinkError('betas: contain NaN or inf; expected finite values')
+    return b, ids, ses
+
+# %% ../nbs/01_data.ipynb #ec55358f
+def nc_from_ncsnr(ncsnr, n_trials: float = 3) -> np.ndarray:
+    "Noise ceiling (% of variance) of the mean of `n_trials` trials: $100\\,\\mathrm{ncsnr}^2/(\\mathrm{ncsnr}^2 + 1/n)$."
+    ncsnr = np.asarray(ncsnr, np.float64)
+    return 100*ncsnr**2 / (ncsnr**2 + 1/n_trials)
+
+def noise_ceiling(betas,             # (T, V) single-trial betas (any scale: they are z-scored here)
+                  image_ids,         # (T,) the image each trial showed
+                  sessions=None,     # (T,) the session of each trial (z-scoring is per session); None: one session
+                  n_trials: int = 3, # n, trials averaged (NSD: 3 for the mean of its repetitions, 1 for single trials)
+                  ) -> NoiseCeiling:
+    "NSD's noise ceiling of each voxel from trial-level betas: z-score per session, $s^2$ across repetitions, ncsnr, NC(n)."
+    b, ids, ses = _trial_arrays(betas, image_ids, sessions, n_trials)
+    z = np.empty(b.shape, np.float32)
+    for k in np.unique(ses): z[ses == k] = zscore_session(b[ses == k])    # Step 5, per session
+    order = np.argsort(ids, kind='stable')
+    zs, r = z[order].astype(np.float64), ids[order]
+    starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+    n = np.diff(np.r_[starts, len(r)])                                     # n_i, trials of each image
+    rep = n >= 2
+    if not rep.any(): raise MindLinkError('image_ids: no image was shown twice; the noise ceiling needs repeated images')
+    s1, s2 = np.add.reduceat(zs, starts, axis=0)[rep], np.add.reduceat(zs**2, starts, axis=0)[rep]
+    # $s^2_v$: mean over images of the variance across repetitions (ddof 1), with $\sum_t (z - \bar z)^2 = \sum z^2 - (\sum z)^2/n_i$
+    noise_var = ((s2 - s1**2 / n[rep, None]) / (n[rep, None] - 1)).mean(0)
+    # $\mathrm{ncsnr}_v = \sqrt{\max(0, 1 - s^2_v)} / \sqrt{s^2_v}$ (0 for a voxel constant in every session)
+    ncsnr = np.where(noise_var > 0, np.sqrt(np.maximum(0, 1 - noise_var)) / np.sqrt(np.maximum(noise_var, 1e-300)), 0.)
+    return NoiseCeiling(ncsnr, noise_var, n_trials, int(rep.sum()))
+
+# %% ../nbs/01_data.ipynb #8ea63d40
+@patch
+def roi_noise_ceiling(self: NSDReader, subj,
+                      n_trials: int = 3,                 # n: NC of the mean of n trials
+                      max_sessions: int | None = None,   # read only the first sessions (all by default)
+                      show_progress: bool = False) -> NoiseCeiling:
+    "NSD's noise ceiling of every ROI voxel of `subj`, from its single-trial betas."
+    d = self.load_subject(subj, average=False, max_sessions=max_sessions, show_progress=show_progress)
+    sessions = np.concatenate([np.full(n, k) for k, _, n in self.sessions(subj)[:max_sessions]])
+    return noise_ceiling(d.betas, d.image_ids, sessions, n_trials)
 
 # %% ../nbs/01_data.ipynb #ecbd81cf
 def plot_rois(reader: NSDReader, subjects=None, cut=(0, -60, 10)):

@@ -1,5 +1,6 @@
-"Reader tests on tiny NSD-layout files written on the fly, MiniNSD round trips, and every bad-input case."
-import re
+"Reader tests on tiny NSD-layout files written on the fly, MiniNSD round trips, its two noise worlds, and every bad-input case."
+import hashlib, json, re
+from pathlib import Path
 
 import h5py
 import nibabel as nib
@@ -9,7 +10,7 @@ import scipy.io
 
 from mindlink.data import (BETA_SCALE, NSDReader, SubjectData, betas_path, brainmask_path, expdesign_path,
                            read_session_roi, roi_path, stimuli_path)
-from mindlink.mininsd import TINY_MINI_NSD, make_mini_nsd
+from mindlink.mininsd import NSD_NCSNR, TINY_MINI_NSD, make_mini_nsd
 from mindlink.utils import MindLinkError
 
 SHAPE, T, N_SESS = (4, 5, 3), 6, 2          # volume, trials per session, sessions per subject
@@ -216,6 +217,70 @@ def test_mini_nsd_bad_knobs(tmp_path):
     _fails(lambda: make_mini_nsd(tmp_path, n_train=0), 'n_train=0', 'positive integer')
     _fails(lambda: make_mini_nsd(tmp_path, volume_shape=(8, 40, 32)), 'volume_shape=(8, 40, 32)', 'at least 12')
 
+
+
+# ---- MiniNSD's noise worlds: snr='default' as it always was, snr='nsd' as noisy as NSD ----------
+
+def world_digest(root) -> str:
+    "sha256 over the decoded content of every file of a MiniNSD (arrays and bytes, not container metadata such as a .mat timestamp)."
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(root).rglob('*') if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        if f.name.endswith('.nii.gz'): img = nib.load(str(f)); arrs = [np.asarray(img.dataobj), img.affine]
+        elif f.suffix == '.mat': m = scipy.io.loadmat(str(f)); arrs = [m[k] for k in sorted(m) if not k.startswith('__')]
+        elif f.suffix == '.hdf5':
+            with h5py.File(f, 'r') as g: arrs = [g['imgBrick'][:]]
+        elif f.suffix == '.npz':
+            with np.load(f) as z: arrs = [z[k] for k in sorted(z.files)]
+        else: arrs = [np.frombuffer(f.read_bytes(), np.uint8)]
+        for a in arrs: h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+# the TINY_MINI_NSD world (seed 0) as written before MiniNSD had an 'nsd' world. Computed on the project's 2-core AMD EPYC
+# build machine (NumPy 2.4); another CPU's math kernels could change a float bit — check there that the forward model's
+# code is unchanged before re-pinning.
+DEFAULT_TINY_DIGEST = 'd4f85223e51e04816530fb04723af52832afea9e042af6a173df4b9ecffdb750'
+
+
+def test_default_world_unchanged(mini_nsd_root, tmp_path):
+    "snr='default' (explicit or not) writes exactly the data MiniNSD always wrote, params.json included."
+    assert world_digest(mini_nsd_root) == DEFAULT_TINY_DIGEST
+    params = json.loads((mini_nsd_root / 'mininsd/params.json').read_text())
+    assert 'snr' not in params and 'calibration' not in params and params['version'] == 4
+    make_mini_nsd(tmp_path, seed=0, snr='default', show_progress=False, **TINY_MINI_NSD)
+    assert world_digest(tmp_path) == DEFAULT_TINY_DIGEST
+
+
+def test_cli_snr_nsd_end_to_end(tmp_path, mini_nsd_root, capsys):
+    "`mindlink data mini-nsd --snr nsd` writes the noisy world and records it; the data land on NSD's noise ceiling."
+    from mindlink.cli import main
+    out = tmp_path / 'nsd'
+    assert main(['data', 'mini-nsd', '--out', str(out), '--tiny', '--snr', 'nsd']) == 0
+    params = json.loads((out / 'mininsd/params.json').read_text())
+    assert params['snr'] == 'nsd' and params['calibration']['target_ncsnr'] == NSD_NCSNR
+    m = params['calibration']['noise_scale']
+    assert 1.2 < m < 3, m
+    assert main(['data', 'mini-nsd', '--out', str(out), '--tiny', '--snr', 'nsd']) == 0     # same settings: reused
+    a, b = NSDReader(out), NSDReader(mini_nsd_root)
+    # the same world but its noise: same anatomy and stimuli, σ_s scaled by m
+    assert (a.roi(3)[0] == b.roi(3)[0]).all() and (a.stimuli(range(4)) == b.stimuli(range(4))).all()
+    ta, tb = (np.load(r / 'mininsd/subj03_truth.npz') for r in (out, mini_nsd_root))
+    np.testing.assert_allclose(ta['noise'], m * tb['noise']); np.testing.assert_array_equal(ta['u'], tb['u'])
+    nc = {w: np.median(np.concatenate([r.roi_noise_ceiling(s).ncsnr for s in r.subjects()])) for w, r in (('nsd', a), ('default', b))}
+    assert abs(nc['nsd'] - NSD_NCSNR) < .05 and nc['default'] > nc['nsd'] + .2, nc
+    # a default world is not an nsd world: other settings
+    assert main(['data', 'mini-nsd', '--out', str(out), '--tiny']) == 2
+    assert 'other settings' in capsys.readouterr().err
+
+
+def test_snr_bad_input(tmp_path, capsys):
+    from mindlink.cli import main
+    _fails(lambda: make_mini_nsd(tmp_path, snr='loud'), "snr='loud'", "['default', 'nsd']")
+    _fails(lambda: make_mini_nsd(tmp_path, snr='nsd', noise=2.0), 'noise=2.0', "snr='nsd' sets the noise level")
+    assert main(['data', 'mini-nsd', '--out', str(tmp_path / 'm'), '--tiny', '--snr', 'loud']) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith('mindlink data: error:') and "snr='loud'" in err and 'Traceback' not in err
 
 def test_rows_with_unsorted_trials(nsd):
     root, _ = nsd
