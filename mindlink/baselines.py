@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['BASELINES', 'BASELINE_GROUP', 'LAMBDAS', 'ridge_primal', 'ridge_dual', 'ridge_path', 'ridge_cv', 'RidgeMap',
            'fit_ridge', 'ResidualBlock', 'VoxelMLP', 'train_mlp', 'baseline_options', 'Baseline', 'fit_baseline',
-           'baseline_targets', 'fit_baselines', 'retrieval_table', 'holdout_score', 'parameter_growth']
+           'baseline_targets', 'fit_baselines', 'retrieval_table', 'holdout_score', 'parameter_growth', 'adapt_subset',
+           'adapt_baseline', 'baseline_adaptation_study', 'plot_baseline_adaptation']
 
 # %% ../nbs/11a_baselines.ipynb #f94d9344
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -26,6 +26,7 @@ from .alignment import align_loss
 from .metrics import retrieval_top1
 from .model import MindLink, MindLinkConfig, component_parameters
 from .prepare import cached_targets, prepare_data
+from .training import mixup_batch
 
 # %% ../nbs/11a_baselines.ipynb #d769f4e8
 BASELINES = {'ridge': 'ridge per subject',                       # kind -> the name tables show
@@ -161,24 +162,29 @@ def train_mlp(model: VoxelMLP,
               weight_decay: float = 1e-2,
               contrastive: float = 0.0,    # weight of a symmetric InfoNCE term (MindEye-like); 0: L_align only
               tau: float = 0.05,           # its temperature
+              mixup: float = 0.0,          # α of mixup within each subject's batch (MindLink's tiny preset: 1); 0: off
               seed: int = 0,               # batch order
               evals: dict | None = None,   # subject -> (X, Z) held-out images for the learning curve
               eval_every: int = 25) -> pd.DataFrame:
     "Train `model` on L_align (Eq. 3) with AdamW and a one-cycle schedule; returns the learning curve (if `evals`)."
+    if steps < 3: raise MindLinkError(f'steps={steps}: expected at least 3 (the one-cycle schedule warms up, then anneals)')
     g = torch.Generator().manual_seed(seed)
     for s, (X, Z) in data.items():
         model.scale[str(s)].mean.copy_(X.mean(0)); model.scale[str(s)].std.copy_(X.std(0) + 1e-6)   # x̃ on the training images
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)   # frozen parts stay as they are
+    # a 10% warm-up, and never under 2 steps (torch's one-cycle schedule divides by zero on a 1-step warm-up)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=min(0.5, max(0.1, 2 / steps)))
     order, pos, curve = {s: torch.randperm(len(X), generator=g) for s, (X, _) in data.items()}, dict.fromkeys(data, 0), []
     for step in range(1, steps + 1):
         model.train(); loss = 0.
         for s, (X, Z) in data.items():
             if pos[s] + batch_size > len(X): order[s], pos[s] = torch.randperm(len(X), generator=g), 0   # a new epoch
             i = order[s][pos[s]:pos[s] + batch_size]; pos[s] += len(i)
-            b = model(X[i], s)                                                   # b', (B, N_I, d)
-            term = align_loss(b, Z[i])                                           # L_align (Eq. 3)
-            if contrastive: term = term + contrastive * _info_nce(b, Z[i], tau)
+            x, z = X[i], Z[i]
+            if mixup: x, z = mixup_batch(x, z, torch.zeros(len(i), dtype=torch.long), mixup)   # x̃, z̃: one subject's batch
+            b = model(x, s)                                                      # b', (B, N_I, d)
+            term = align_loss(b, z)                                              # L_align (Eq. 3)
+            if contrastive: term = term + contrastive * _info_nce(b, z, tau)
             loss = loss + term / len(data)
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         if evals and (step % eval_every == 0 or step == steps):
@@ -193,7 +199,7 @@ def train_mlp(model: VoxelMLP,
 # %% ../nbs/11a_baselines.ipynb #fc4abe4c
 _OPTIONS = {'ridge': dict(lam=None, lams=LAMBDAS, folds=5),
             'mlp': dict(hidden=256, n_blocks=2, dropout=0.0, steps=300, batch_size=32, lr=1e-2, weight_decay=1e-2,
-                        contrastive=0.0, tau=0.05, eval_every=25)}
+                        contrastive=0.0, tau=0.05, mixup=0.0, eval_every=25)}
 _OPTIONS['shared-mlp'] = _OPTIONS['mlp']
 _NET_KEYS = ('hidden', 'n_blocks', 'dropout')
 
@@ -320,16 +326,17 @@ def fit_baseline(kind: str,                 # 'ridge', 'mlp' or 'shared-mlp' (`B
 # %% ../nbs/11a_baselines.ipynb #092d81d6
 def baseline_targets(reader, subjects,
                      cfg: MindLinkConfig | None = None,  # gives N_I, d and the patch size (default: the tiny preset)
-                     embedder=None) -> dict:             # a fitted embedder (e.g. a run's); default: the one `prepare_data` fits
-    "Image tokens z of every training and test image of `subjects`, from the embedder MindLink trains on (cached)."
+                     embedder=None,                      # a fitted embedder (e.g. a run's); default: the one `prepare_data` fits
+                     new_subjects=()) -> dict:           # also embed these subjects' images, with the same embedder (adaptation)
+    "Image tokens z of every training and test image of `subjects` (and `new_subjects`), from the embedder MindLink trains on (cached)."
     reader = reader if isinstance(reader, NSDReader) else NSDReader(reader)
-    subjects = [int(s) for s in subjects]
+    subjects, new_subjects = [int(s) for s in subjects], [int(s) for s in new_subjects]
     if embedder is None:
         cfg = cfg or MindLinkConfig.tiny(n_subjects=len(subjects))
         embedder = prepare_data(cfg.replace(n_subjects=max(cfg.n_subjects, len(subjects))), reader.root, subjects=subjects,
                                 reader=reader).embedder
-    split = reader.split(subjects)
-    ids = np.unique(np.concatenate([np.r_[split[s]['train'], split[s]['test']] for s in subjects]))
+    split = {**reader.split(subjects), **{s: reader.split([s])[s] for s in new_subjects}}   # a new subject: its own test images
+    ids = np.unique(np.concatenate([np.r_[sp['train'], sp['test']] for sp in split.values()]))
     return cached_targets(embedder, reader, ids)
 
 def fit_baselines(reader, subjects, targets: dict,
@@ -387,3 +394,122 @@ def parameter_growth(n_voxels: dict,        # subject -> V_s, in the order subje
                      'shared-mlp': count(VoxelMLP(vox, cfg.n_tokens, cfg.token_dim, **net_kw)),
                      'MindLink (all)': int(ml['total']), 'MindLink (inference)': int(ml['used at inference (E_b + P)'])})
     return pd.DataFrame(rows).set_index('subjects')
+
+# %% ../nbs/11a_baselines.ipynb #84b9d654
+def adapt_subset(reader, subject: int, n_train: int, seed: int = 0) -> np.ndarray:
+    "Sorted ids of the `n_train` training images of `subject` that MindLink's adaptation with this `seed` trains on."
+    reader = reader if isinstance(reader, NSDReader) else NSDReader(reader)
+    subject = int(subject)
+    have = [int(s) for s in reader.subjects()]
+    if subject not in have: raise MindLinkError(f'subject={subject}: not in the data set at {reader.root} (it has {have})')
+    train = reader.split([subject])[subject]['train']
+    if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or not 2 <= n_train <= len(train):
+        raise MindLinkError(f'n_train={n_train!r}: expected 2..{len(train)} (subject {subject} has {len(train)} training images)')
+    return np.sort(np.random.default_rng(seed).permutation(train)[:n_train])   # the rule of prepare.prepare_data
+
+def _reset_tuned(pretrained, subject: int, n_voxels: int, freeze_trunk: bool) -> VoxelMLP:
+    "A network for `subject` alone: a fresh input layer, the pretrained shared MLP's backbone and head (copied; frozen or not)."
+    old = pretrained.maps[pretrained.subjects[0]]
+    net = VoxelMLP({subject: n_voxels}, pretrained.n_tokens, pretrained.token_dim,
+                   **{k: pretrained.info['options'][k] for k in _NET_KEYS})             # W_in^(new): fresh (the reset)
+    net.backbone.load_state_dict(old.backbone.state_dict()); net.head.load_state_dict(old.head.state_dict())   # θ*: copied
+    net.backbone.requires_grad_(not freeze_trunk); net.head.requires_grad_(not freeze_trunk)
+    return net
+
+def adapt_baseline(kind: str,                # 'ridge', 'mlp' or 'shared-mlp'
+                   reader, subject: int,     # the new subject (not among the pretrained network's)
+                   targets: dict,            # image id -> z, with the new subject's images (`baseline_targets(..., new_subjects=[subject])`)
+                   n_train: int,             # its training images to use (`adapt_subset`)
+                   seed: int = 0,            # the subset (MindLink's rule), the initialisation, the batches
+                   pretrained=None,          # shared-mlp: the shared MLP `Baseline` of the training subjects (None: fit one)
+                   train_subjects=None,      # shared-mlp, pretrained=None: its subjects (default: every other one of the data set)
+                   curve: bool = False,      # MLPs: record held-out retrieval on the test images while training
+                   **options) -> Baseline:   # the kind's options (shared-mlp: by default those its trunk was trained with; and freeze_trunk=True)
+    "A baseline for a subject unseen in training, from `n_train` of its training images (Table 3's setting)."
+    reader = reader if isinstance(reader, NSDReader) else NSDReader(reader)
+    if kind not in BASELINES: raise MindLinkError(f'kind={kind!r}: expected one of {list(BASELINES)}')
+    subject = int(subject); ids = adapt_subset(reader, subject, n_train, seed)
+    _check_targets(targets)
+    missing = [int(i) for i in np.r_[ids, reader.split([subject])[subject]['test']] if int(i) not in targets]
+    if missing: raise MindLinkError(f"targets: no tokens for {len(missing)} of subject {subject}'s images (e.g. {missing[:3]}); "
+                                    f'embed them with baseline_targets(reader, subjects, new_subjects=[{subject}])')
+    if kind != 'shared-mlp':
+        if pretrained is not None or train_subjects is not None:
+            raise MindLinkError(f'adapt_baseline({kind!r}): a per-subject baseline is fitted on the new subject alone; '
+                                f'pretrained and train_subjects are for shared-mlp')
+        bl = fit_baseline(kind, reader, [subject], targets, seed=seed, train_ids={subject: ids}, curve=curve, **options)
+        bl.info['adapted'] = dict(subset=ids, trained_params=bl.n_params)
+        return bl
+    freeze = options.pop('freeze_trunk', True)
+    _check_fit_args('shared-mlp', reader, [subject], options)
+    if pretrained is None:
+        subs = train_subjects if train_subjects is not None else [s for s in reader.subjects() if int(s) != subject]
+        pretrained = fit_baseline('shared-mlp', reader, subs, targets, seed=seed, **options)
+    if not isinstance(pretrained, Baseline) or pretrained.kind != 'shared-mlp':
+        raise MindLinkError(f'pretrained: expected a shared-mlp Baseline (fit_baseline(\'shared-mlp\', ...)), got {pretrained!r}')
+    if subject in pretrained.subjects: raise MindLinkError(f'subject {subject} is among the pretrained subjects {pretrained.subjects}: not a new subject')
+    if _check_targets(targets) != (pretrained.n_tokens, pretrained.token_dim):
+        raise MindLinkError(f'targets: tokens {_check_targets(targets)}, but the pretrained network predicts {(pretrained.n_tokens, pretrained.token_dim)}')
+    fixed = {k: (options[k], pretrained.info['options'][k]) for k in _NET_KEYS if k in options and options[k] != pretrained.info['options'][k]}
+    if fixed: raise MindLinkError(f'{", ".join(f"{k}={a}" for k, (a, _) in fixed.items())}: the trunk is the pretrained one '
+                                  f'({", ".join(f"{k}={b}" for k, (_, b) in fixed.items())})')
+    opts = {**pretrained.info['options'], **options}
+    train_kw = {k: v for k, v in opts.items() if k not in _NET_KEYS}
+    t0, c0 = time.time(), time.process_time()
+    sd = reader.load_subject(subject)
+    test = reader.split([subject])[subject]['test']
+    X, Z = _training_rows(sd, ids, targets)
+    with torch.random.fork_rng(devices=[]):                      # seeded without touching the caller's RNG
+        torch.manual_seed(seed * 1000)
+        net = _reset_tuned(pretrained, subject, sd.n_voxels, freeze)
+        evals = ({subject: (torch.from_numpy(np.asarray(sd.betas[sd.rows(test)], np.float32)), stack_tokens(targets, test).float())}
+                 if curve else None)
+        lc = train_mlp(net, {subject: (torch.from_numpy(X), Z)}, seed=seed, evals=evals, **train_kw)
+    info = dict(options={**opts, 'freeze_trunk': freeze}, seed=seed, n_train={subject: len(ids)},
+                adapted=dict(subset=ids, pretrained_subjects=list(pretrained.subjects), freeze_trunk=freeze,
+                             trained_params=sum(p.numel() for p in net.parameters() if p.requires_grad)))
+    if curve: info['curve'] = lc
+    info['seconds'], info['cpu_seconds'] = time.time() - t0, time.process_time() - c0
+    return Baseline('shared-mlp', [subject], {subject: net}, {subject: sd}, {subject: test}, pretrained.n_tokens, pretrained.token_dim, info)
+
+# %% ../nbs/11a_baselines.ipynb #d5b46441
+def baseline_adaptation_study(reader, subject: int, targets: dict,
+                              sizes=(50, 150, 300),      # the new subject's training images (chapter 12's sizes)
+                              seeds=(0, 1, 2),           # repeats of each size (the subset, the initialisation, the batches)
+                              kinds=tuple(BASELINES),
+                              pretrained=None,           # shared-mlp: a fitted shared Baseline (None: fitted once, seed `seeds[0]`)
+                              options: dict | None = None) -> pd.DataFrame:   # kind -> its options for `adapt_baseline`
+    "Each baseline adapted to `subject` at each size and seed, one row per fit, scored by retrieval among its test images."
+    reader = reader if isinstance(reader, NSDReader) else NSDReader(reader)
+    options = options or {}
+    bad = sorted(set(options) - set(kinds))
+    if bad: raise MindLinkError(f'options given for {bad}, which are not among kinds={list(kinds)}')
+    for n in sizes: adapt_subset(reader, subject, n)                 # every size checked before anything is fitted
+    if 'shared-mlp' in kinds and pretrained is None:
+        opts = {k: v for k, v in options.get('shared-mlp', {}).items() if k != 'freeze_trunk'}
+        pretrained = fit_baseline('shared-mlp', reader, [s for s in reader.subjects() if int(s) != int(subject)], targets,
+                                  seed=seeds[0], **opts)
+    rows = []
+    for n in sizes:
+        for seed in seeds:
+            for k in kinds:
+                bl = adapt_baseline(k, reader, subject, targets, n, seed, pretrained=pretrained if k == 'shared-mlp' else None,
+                                    **options.get(k, {}))
+                test = bl.test_ids[int(subject)]
+                r = retrieval_top1(bl.predict(subject, test), stack_tokens(targets, test), pool=len(test))
+                rows.append(dict(kind=k, n_train=n, seed=seed, retrieval_top1=r['brain_to_image'],
+                                 retrieval_image_to_brain=r['image_to_brain'], retrieval_chance=r['chance'], n_test=len(test),
+                                 params=bl.n_params, trained_params=bl.info['adapted']['trained_params'], train_seconds=bl.info['seconds']))
+    return pd.DataFrame(rows)
+
+def plot_baseline_adaptation(df: pd.DataFrame, metric: str = 'retrieval_top1', ax=None, path=None):
+    "`metric` of each baseline on the new subject against its training images (mean ± std over seeds), chance as a line."
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.2))
+    for k, d in df.groupby('kind', sort=False):
+        g = d.groupby('n_train')[metric].agg(['mean', 'std']).fillna(0.0)
+        ax.errorbar(g.index, g['mean'], yerr=g['std'], marker='o', ms=4, capsize=3, label=BASELINES.get(k, k))
+    ax.axhline(df['retrieval_chance'].iloc[0], color='grey', lw=.8, label='chance')
+    ax.set_xlabel("new subject's training images $n$"); ax.set_ylabel('top-1 retrieval (test)'); ax.set_ylim(0, 1)
+    ax.legend(fontsize=7); fig.tight_layout()
+    if path is not None: savefig(fig, path)
+    return fig

@@ -11,7 +11,7 @@ __all__ = ['SHAPES', 'COLOURS', 'FEATURES', 'TINY_MINI_NSD', 'DEMO_MINI_NSD', 'T
            'decoding_ceiling']
 
 # %% ../nbs/01a_mininsd.ipynb #7b2e6f13
-import gzip, importlib.util
+import gzip, importlib.util, time
 from functools import lru_cache
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """mindlink.metrics against independent references, random-network end-to-end runs, weight loading,
 and (when MINDLINK_WEIGHTS points at the real files) the pretrained networks."""
-import os
+import os, warnings
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +219,106 @@ def test_retrieval_equals_loop_and_chance():
     # seeded: the same pools every time
     assert retrieval_top1(b, z, pool=30, seed=3) == retrieval_top1(b, z, pool=30, seed=3)
     with pytest.raises(MindLinkError, match='pool'): retrieval_top1(b, z, pool=1)
+
+
+# ---- degenerate input: undefined correlations score at chance, ties count by their expectation ----
+def pearson_or_zero(a, b):
+    "Pearson r of two vectors, 0 when either is constant (the policy of chapter 11)."
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return 0.0 if np.ptp(a) == 0 or np.ptp(b) == 0 else np.corrcoef(a, b)[0, 1]
+
+
+def scored(f, *args, **kw):
+    "(f(*args, **kw), the messages of the warnings it gave): the value is checked first, then what it said."
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        out = f(*args, **kw)
+    return out, ' | '.join(str(m.message) for m in w)
+
+
+def brute_two_way_ties(pf, tf):
+    "Two-way identification with r = 0 for constant features and ties counted 1/2, one pair at a time."
+    pf = np.asarray(pf, np.float64).reshape(len(pf), -1); tf = np.asarray(tf, np.float64).reshape(len(tf), -1)
+    N = len(pf); out = []
+    for j in range(N):
+        own = pearson_or_zero(tf[j], pf[j])
+        r = [pearson_or_zero(tf[i], pf[j]) for i in range(N) if i != j]
+        out.append((sum(x < own for x in r) + 0.5 * sum(x == own for x in r)) / (N - 1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize('px,size', [(64, None), (64, 425), (300, 425)])   # as given; small-image path; resize, then correlate
+def test_pixcorr_of_a_constant_image_counts_as_zero(px, size):
+    t = photos(px)[:4]; p = degrade(t)
+    p[1] = 0.3                                   # a flat grey reconstruction: r is 0/0
+    t2 = t.clone(); t2[2] = 0.0                  # a black stimulus
+    # the reference: numpy's r pair by pair on the resized images, 0 for the flat pair
+    ref = lambda a, b: np.mean([0. if i == 1 else pearson_or_zero(x, y) for i, (x, y) in enumerate(zip(a.double().numpy(), b.double().numpy()))])
+    rs = {(64, None): lambda x: x, (64, 425): resize425,
+          (300, 425): lambda x: TF.resize(x, [425], interpolation=InterpolationMode.BILINEAR, antialias=True)}[(px, size)]
+    got, said = scored(pixcorr, p, t, size=size)
+    assert np.isfinite(got) and got == pytest.approx(ref(rs(p), rs(t)), abs=1e-9)
+    assert 'pred [1]' in said and '1 of 4' in said
+    got, said = scored(pixcorr, t, t2, size=size)
+    assert got == pytest.approx(3 / 4, abs=1e-9) and 'true [2]' in said   # three identical pairs, one undefined
+
+
+def test_ssim_of_a_constant_image_is_defined_and_equals_skimage():
+    # SSIM needs no policy: C1 and C2 keep it defined on flat images (a guard, not a fix)
+    t = photos(48)[:3]; p = degrade(t); p[0] = 0.3; p[1] = 0.0
+    assert ssim(p, t, dtype=torch.float64) == pytest.approx(sk_ssim(resize425(p), resize425(t)), abs=1e-10)
+    assert ssim(p, t, size=None, dtype=torch.float64) == pytest.approx(sk_ssim(p, t), abs=1e-10)
+
+
+def test_two_way_of_constant_features_is_exactly_chance():
+    g = torch.Generator().manual_seed(8)
+    tf = torch.randn(12, 20, generator=g)
+    got, said = scored(two_way_identification, torch.ones(12, 20), tf)
+    assert got == 0.5 and 'constant' in said                                  # a blank decoder: chance, not 0
+    assert scored(two_way_identification, torch.zeros(12, 20), torch.zeros(12, 20))[0] == 0.5
+    v = torch.randn(1, 20, generator=g)
+    assert two_way_identification(v.expand(12, 20), v.expand(12, 20)) == 0.5   # every image and reconstruction identical: all ties
+    pf = tf + torch.randn(12, 20, generator=g); pf[3] = 0.7; tf[5] = -1.0     # one constant reconstruction, one constant stimulus
+    got, said = scored(two_way_identification, pf, tf, reduce=False)
+    np.testing.assert_allclose(got, brute_two_way_ties(pf, tf), atol=1e-12)
+    assert got[3] == 0.5 and 'pred_feats [3]' in said and 'true_feats [5]' in said
+
+
+def test_mean_corr_distance_of_constant_features_is_one():
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    a[2] = 4.0
+    ref = np.mean([1 - pearson_or_zero(x, y) for x, y in zip(a.numpy(), b.numpy())])
+    got, said = scored(mean_corr_distance, a, b)
+    assert got == pytest.approx(ref, abs=1e-12) and 'pred_feats [2]' in said
+
+
+def test_retrieval_ties_count_by_their_expectation():
+    g = torch.Generator().manual_seed(10)
+    z = torch.randn(6, 8, generator=g); b = z + 0.01 * torch.randn(6, 8, generator=g)
+    b[0] = 0                                     # a zero prediction ties with every candidate: 1/6, not 1 (it sits first)
+    r, said = scored(retrieval_top1, b, z, pool=6)
+    assert "pred [0]" in said
+    assert r['brain_to_image'] == pytest.approx((1 / 6 + 5) / 6, abs=1e-12)
+    a, c = torch.randn(2, 8, generator=g)
+    r = retrieval_top1(torch.stack([a, c, c]), torch.stack([a, a, c]), pool=3)   # two stimuli with one embedding
+    assert r['brain_to_image'] == pytest.approx((1 / 2 + 0 + 1) / 3, abs=1e-12)
+    same = retrieval_top1(torch.randn(1, 8, generator=g).expand(50, 8), torch.randn(50, 8, generator=g), pool=10, n_pools=7)
+    assert same['brain_to_image'] == pytest.approx(same['chance']) and same['image_to_brain'] == pytest.approx(same['chance'])
+
+
+def test_retrieval_of_one_sample_is_refused():
+    with pytest.raises(MindLinkError, match='at least 2'): retrieval_top1(torch.randn(1, 4), torch.randn(1, 4))   # was 1.0 "of 1"
+    t = photos(32)[:1]
+    assert pixcorr(t, t) == pytest.approx(1.0, abs=1e-12) and ssim(t, t) == 1.0   # a single pair is fine for the pixel metrics
+
+
+def test_non_finite_values_name_their_row():
+    x = torch.rand(4, 3, 8, 8); bad = x.clone(); bad[2, 1, 3, 3] = float('inf')
+    with pytest.raises(MindLinkError, match=r'pred: image 2 .*NaN or inf'): pixcorr(bad, x, size=None)
+    f = torch.randn(5, 7); f[3, 0] = float('nan')
+    with pytest.raises(MindLinkError, match=r'true_feats: row 3 .*NaN or inf'): two_way_identification(torch.randn(5, 7), f)
+    with pytest.raises(MindLinkError, match=r'true: row 3 .*NaN or inf'): retrieval_top1(torch.randn(5, 7), f)
 
 
 # ---- subject invariance ------------------------------------------------------------------------
