@@ -6,7 +6,7 @@
 __all__ = ['BASELINES', 'BASELINE_GROUP', 'LAMBDAS', 'ridge_primal', 'ridge_dual', 'ridge_path', 'ridge_cv', 'RidgeMap',
            'fit_ridge', 'ResidualBlock', 'VoxelMLP', 'train_mlp', 'baseline_options', 'Baseline', 'fit_baseline',
            'baseline_targets', 'fit_baselines', 'retrieval_table', 'holdout_score', 'parameter_growth', 'adapt_subset',
-           'adapt_baseline', 'baseline_adaptation_study', 'plot_baseline_adaptation']
+           'adapt_baseline', 'baseline_adaptation_study', 'plot_baseline_adaptation', 'decoding_ceiling']
 
 # %% ../nbs/11a_baselines.ipynb #f94d9344
 import time
@@ -24,6 +24,8 @@ from .data import NSDReader, SubjectData
 from .embeddings import stack_tokens
 from .alignment import align_loss
 from .metrics import retrieval_top1
+from .mininsd import (best_linear_decoder, feature_maps, make_stimuli, response_model, simulate_responses, token_function,
+                              voxel_signal)
 from .model import MindLink, MindLinkConfig, component_parameters
 from .prepare import cached_targets, prepare_data
 from .training import mixup_batch
@@ -513,3 +515,31 @@ def plot_baseline_adaptation(df: pd.DataFrame, metric: str = 'retrieval_top1', a
     ax.legend(fontsize=7); fig.tight_layout()
     if path is not None: savefig(fig, path)
     return fig
+
+# %% ../nbs/11a_baselines.ipynb #0fc7fa37
+def decoding_ceiling(root, subj: int,
+                     targets,                  # fitted embedder (`.embed`) or function images -> tokens: the decoding targets z
+                     n_fresh: int = 2000,      # new stimuli whose noise-free responses estimate Σ_μμ, Σ_μz
+                     n_sim: int = 0,           # also ridge on this many simulated noisy responses (approaches the ceiling from below)
+                     seed: int = 0) -> dict:   # new stimuli, simulated noise, CV folds
+    "Top-1 retrieval of the world's test images by the best linear decoder (`ceiling`), by ridge on the world's own training images (`own`)."
+    tokens = token_function(targets)
+    if int(n_fresh) < 10: raise MindLinkError(f'n_fresh={n_fresh}: expected at least 10 new stimuli')
+    t0, reader = time.time(), NSDReader(root)
+    sp, d = reader.split([subj])[subj], reader.load_subject(subj)
+    X_test, Z_test = d.select(sp['test']).betas, tokens(reader.stimuli(sp['test']))
+    score = lambda Z_hat: retrieval_top1(Z_hat, Z_test, pool=len(Z_test))['brain_to_image']
+    scale, S_eta, (p, md, ref) = response_model(root, subj)
+    rng = np.random.default_rng([int(subj), seed, 2])
+    images, lab = make_stimuli(int(n_fresh), p['image_size'], seed=int(rng.integers(2**31)))
+    mu = voxel_signal(md['vox'], feature_maps(images), lab['shape'], ref=ref).astype(np.float64)*scale   # (n, V)
+    best = best_linear_decoder(mu, tokens(images), S_eta)
+    own = fit_ridge(d.select(sp['train']).betas, tokens(reader.stimuli(sp['train'])), seed=seed)
+    out = dict(subject=int(subj), n_fresh=int(n_fresh), n_train=len(sp['train']), n_test=len(sp['test']),
+               ceiling=score(best(X_test)), own=score(own(X_test)), lam_own=own.lam)
+    if n_sim:
+        ims, lab = make_stimuli(int(n_sim), p['image_size'], seed=int(rng.integers(2**31)))
+        sim = fit_ridge(simulate_responses(root, subj, ims, lab['shape'], seed), tokens(ims), seed=seed)
+        out.update(n_sim=int(n_sim), simulated=score(sim(X_test)), lam_simulated=sim.lam)
+    out['seconds'] = time.time() - t0
+    return out

@@ -9,7 +9,7 @@ __all__ = ['PEAK_BF16', 'GPU_CHECK', 'BENCH_AREAS', 'sync', 'clock', 'time_call'
            'bench_batches', 'bench_reconstruct', 'bench_metrics', 'run_marked_tests', 'fit_step', 'bench_gpu',
            'gpu_report', 'bench_functions', 'run_bench', 'bench_table']
 
-# %% ../nbs/13a_benchmarks.ipynb #a5612766
+# %% ../nbs/13a_benchmarks.ipynb #7580c2a2
 import gc, inspect, itertools, json, math, resource, subprocess, sys, tempfile, time, zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 
 from .utils import MindLinkError, get_device, load_json, save_json
-from .data import NSDReader, load_nifti, nifti_header, write_nifti_stream
-from .mininsd import make_mini_nsd
+from .data import NSDReader, load_nifti
+from .mininsd import make_mini_nsd, nifti_header, write_nifti_stream
 from .patching import NSD_SHAPE, PatchDataset, PatchLayout, PatchStore, make_loader, patchify, synthetic_roi
 from .model import MindLinkConfig, model_flops
 from .prepare import TrainData
@@ -30,7 +30,7 @@ from .training import LOSS_KEYS, ShardedBatchSampler, Trainer
 from .reconstruction import SD_CONFIGS, SDReconstructor, default_dtype
 from .metrics import NETS, load_metric_net, mean_corr_distance, pixcorr, ssim, two_way_identification
 
-# %% ../nbs/13a_benchmarks.ipynb #7063c748
+# %% ../nbs/13a_benchmarks.ipynb #0d72bb2d
 def sync(device=None):
     "Wait for `device`'s queued work (a no-op on a CPU)."
     if device is not None and torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
@@ -64,7 +64,7 @@ def torch_threads(n: int | None):
     try: yield
     finally: torch.set_num_threads(old)
 
-# %% ../nbs/13a_benchmarks.ipynb #9af0f272
+# %% ../nbs/13a_benchmarks.ipynb #5c3be497
 def nsd_session(folder, n_volumes: int = 750, shape=NSD_SHAPE, n_voxels: int = 15_000, compresslevel: int = 6,
                 seed: int = 0) -> tuple:
     "Write one synthetic betas session at NSD's geometry (int16 gzip NIfTI, betas inside a brain, an nsdgeneral-sized ROI); `(path, roi)`."
@@ -88,12 +88,15 @@ def _inflate(path, chunk: int = 1 << 20) -> int:
         while b := f.read(chunk): n += len(z.decompress(b))
     return n + len(z.flush())
 
-_READ = '''import json, resource, sys, time
+_READ = '''import json, resource, sys, time, tracemalloc
 import numpy as np
 from mindlink.data import read_session_roi, zscore_session
-mask = np.load(sys.argv[2]); t = time.perf_counter()
+mask = np.load(sys.argv[2])
+t = time.perf_counter()
 b = zscore_session(read_session_roi(sys.argv[1], mask))
-print(json.dumps(dict(seconds=time.perf_counter() - t, shape=list(b.shape), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))'''
+seconds = time.perf_counter() - t
+tracemalloc.start(); zscore_session(read_session_roi(sys.argv[1], mask)); peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps(dict(seconds=seconds, shape=list(b.shape), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, read_peak=peak)))'''
 
 def bench_prep(n_volumes: int = 750,       # trials in the session (NSD: 750)
                shape=NSD_SHAPE,            # the func1pt8mm volume
@@ -112,9 +115,10 @@ def bench_prep(n_volumes: int = 750,       # trials in the session (NSD: 750)
         return dict(n_volumes=n_volumes, shape=tuple(shape), roi_voxels=int(roi.sum()), file_mb=path.stat().st_size / 1e6,
                     voxels_mb=raw / 1e6, zlib_mb_per_s=raw / 1e6 / t.wall, reader_mb_per_s=raw / 1e6 / got['seconds'],
                     reader_vs_zlib=t.wall / got['seconds'], reader_s=got['seconds'], reader_peak_rss_gb=got['peak_rss'] / 2**30,
+                    reader_allocated_gb=got['read_peak'] / 2**30,
                     session_as_float32_gb=raw * 2 / 2**30, projected_hours=got['seconds'] * sessions / 3600, sessions=sessions)
 
-# %% ../nbs/13a_benchmarks.ipynb #87830a7a
+# %% ../nbs/13a_benchmarks.ipynb #3a4859ec
 def bench_reader(root=None, subjects=None, n_stimuli: int = 256, **knobs) -> dict:
     "Reader throughput on `root` (a default MiniNSD made in a temporary folder if None): volumes/s, MB/s, images/s."
     with tempfile.TemporaryDirectory() as d:
@@ -142,7 +146,7 @@ def bench_generation(**knobs) -> dict:
                     volume_shape=tuple(p['volume_shape']), roi_voxels_mean=float(np.mean([r.roi(s)[0].sum() for s in r.subjects()])),
                     disk_mb=sum(f.stat().st_size for f in Path(root).rglob('*') if f.is_file()) / 2**20)
 
-# %% ../nbs/13a_benchmarks.ipynb #99a1b4b7
+# %% ../nbs/13a_benchmarks.ipynb #40eba89c
 def bench_patchify(shape=NSD_SHAPE, n_voxels: int = 15_000, patch: int = 10, batch: int = 32,
                    repeats: int = 5, seed: int = 0) -> dict:
     "Patchify throughput on `batch` NSD-sized float32 volumes against a plain numpy copy of the same bytes."
@@ -214,7 +218,7 @@ def bench_loader(n_images: int = 1024,        # samples in the synthetic store (
         res.update(step_samples_per_s=step_samples_per_s, loader_vs_step=res['best_loader_samples_per_s'] / step_samples_per_s)
     return res
 
-# %% ../nbs/13a_benchmarks.ipynb #ef47a7bd
+# %% ../nbs/13a_benchmarks.ipynb #052c10a8
 # dense (not sparse) tensor-core peaks from the vendors' data sheets: bf16, or fp16 on cards without bf16 (T4, V100)
 PEAK_BF16 = {'H100': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H200': 989e12, 'H200 NVL': 835e12, 'GH200': 989e12,
              'H800': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'L40': 181e12, 'L4': 121e12,
@@ -289,7 +293,7 @@ def bench_train(preset: str = 'tiny',  # 'tiny' or 'paper'
             'peak_mem_gb': mem, 'peak_mem_kind': 'GPU allocated' if tr.device.type == 'cuda' else 'process max RSS',
             'paper_run_hours': n_paper / (B / dt) / 3600 if preset == 'paper' else None}
 
-# %% ../nbs/13a_benchmarks.ipynb #fd5ac636
+# %% ../nbs/13a_benchmarks.ipynb #66e403f8
 def synthetic_train_data(cfg, n_images: int, root, n_subjects: int = 4, roi_kw: dict | None = None, seed: int = 0) -> TrainData:
     "A float16 `PatchStore` of random tokens under `root` (every subject on `synthetic_roi(**roi_kw)` at `cfg.patch`) with random targets."
     roi = synthetic_roi(seed=seed, **(roi_kw or {}))
@@ -333,7 +337,7 @@ def bench_batches(preset: str = 'paper',       # the shapes: 'paper' (P = 1000) 
     if step_samples_per_s: res['step_samples_per_s'] = step_samples_per_s
     return res
 
-# %% ../nbs/13a_benchmarks.ipynb #27948b38
+# %% ../nbs/13a_benchmarks.ipynb #5dd38602
 def bench_reconstruct(config: str | None = None,   # 'sd15' (real SD 1.5 shapes, random weights) or 'tiny'; default: sd15 on a GPU, tiny on a CPU
                       batch_sizes=(1, 4, 8),
                       steps: int = 50, guidance: float = 7.5,
@@ -360,7 +364,7 @@ def bench_reconstruct(config: str | None = None,   # 'sd15' (real SD 1.5 shapes,
     res.update(best_recon_per_s=best, minutes_for_982=982 / best / 60)
     return res
 
-# %% ../nbs/13a_benchmarks.ipynb #9cc48fa3
+# %% ../nbs/13a_benchmarks.ipynb #425c220e
 def bench_metrics(n: int = 982,                  # image pairs (NSD's shared test set: 982)
                   size: int = 256,               # image side
                   sizes=(982, 5000),             # N for the two-way identification timing
@@ -404,7 +408,7 @@ def bench_metrics(n: int = 982,                  # image pairs (NSD's shared tes
     for w in ('s', 'cpu_s'): out[f'total_{w}'] = out[f'PixCorr_{w}'] + out[f'SSIM_{w}'] + sum(out[f'{net}_{w}'] for net in nets)
     return out
 
-# %% ../nbs/13a_benchmarks.ipynb #20fa90d3
+# %% ../nbs/13a_benchmarks.ipynb #7b6a0b43
 def run_marked_tests(marker: str = 'cuda', timeout: float = 300) -> dict:
     "Run the project's tests flagged `marker` (`pytest -m`) in a subprocess: counts, and each test's outcome."
     tests = Path(__file__).resolve().parent.parent / 'tests'
@@ -525,7 +529,7 @@ def gpu_report(res: dict):
 
 bench_gpu.report = gpu_report  # what `mindlink bench gpu` prints
 
-# %% ../nbs/13a_benchmarks.ipynb #0a4ca2af
+# %% ../nbs/13a_benchmarks.ipynb #def63921
 BENCH_AREAS = {'data': ('bench_reader', 'bench_generation'), 'prep': ('bench_prep',), 'patching': ('bench_patchify', 'bench_loader'),
                'model': ('bench_train',), 'train': ('bench_train', 'bench_batches'), 'reconstruct': ('bench_reconstruct',),
                'metrics': ('bench_metrics',), 'gpu': ('bench_gpu',)}

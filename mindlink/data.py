@@ -7,8 +7,7 @@ __all__ = ['BETA_SCALE', 'STIMULI_KEY', 'TEST_SPLITS', 'NSD_SUBJECTS', 'NSD_TRIA
            'NSD_STIMULI_SHAPE', 'NSD_BUCKET', 'PAPER_SUBJECTS', 'expdesign_path', 'stimuli_path', 'betas_dir',
            'betas_path', 'roi_path', 'brainmask_path', 't1_path', 'need_file', 'load_nifti', 'load_expdesign',
            'NSDReader', 'read_session_roi', 'zscore_session', 'accumulate_by_image', 'SubjectData', 'split_sessions',
-           'nifti_header', 'write_nifti_stream', 'make_nsd_rehearsal', 'NSDCheck', 'check_nsd', 'NoiseCeiling',
-           'nc_from_ncsnr', 'noise_ceiling', 'plot_rois', 'plot_responses']
+           'NSDCheck', 'check_nsd', 'NoiseCeiling', 'nc_from_ncsnr', 'noise_ceiling', 'plot_rois', 'plot_responses']
 
 # %% ../nbs/01_data.ipynb #1bfd3bba
 import re, zlib
@@ -21,7 +20,7 @@ import numpy as np
 import scipy.io
 from fastcore.basics import patch
 
-from .utils import MindLinkError, atomic_write, progress
+from .utils import MindLinkError, progress
 
 # %% ../nbs/01_data.ipynb #dd5262d0
 BETA_SCALE = 300.  # NSD stores betas (percent signal change) as int16 × 300
@@ -209,20 +208,41 @@ def _check_same_space(p, img, ref_path, shape, affine):
         raise MindLinkError(f'{p}: affine {np.round(img.affine, 3).tolist()} differs from {np.round(affine, 3).tolist()} '
                             f'of {ref_path}; expected betas and ROI in the same func1pt8mm space')
 
+def _volumes(path, offset: int, nbytes: int, n: int, chunk_bytes: int):
+    "The `n` volumes of `nbytes` each that follow the header (`offset` bytes) of a .nii or .nii.gz, one at a time, in one pass."
+    z = zlib.decompressobj(31) if str(path).endswith('.gz') else None
+    buf, skip, done = bytearray(), int(offset), 0
+    with open(path, 'rb') as f:
+        while done < n:
+            c = f.read(max(1, int(chunk_bytes)))
+            if not c: break
+            while z is not None and c:                         # (a file of several gzip members goes on after each one's end)
+                d = z.decompress(c); buf += d; c = b''
+                if z.eof and z.unused_data: c, z = z.unused_data, zlib.decompressobj(31)
+            if z is None: buf += c
+            if skip: k = min(skip, len(buf)); del buf[:k]; skip -= k
+            while len(buf) >= nbytes and done < n:
+                yield buf, done                                # the volume is buf[:nbytes]; the caller copies what it keeps
+                del buf[:nbytes]; done += 1
+    if done < n: raise EOFError(f'{done} of {n} volumes in the file')
+
 def read_session_roi(path, mask, affine=None, ref_path='the ROI mask', scale: float = BETA_SCALE,
-                     chunk_bytes: int = 2**28) -> np.ndarray:
-    "float32 (trials, V): the ROI voxels of one betas file, divided by `scale`, read in chunks of trials."
+                     chunk_bytes: int = 2**22) -> np.ndarray:    # bytes read from the file at a time
+    "float32 (trials, V): the ROI voxels of one betas file, divided by `scale`, read volume by volume in one pass over the file."
     img = load_nifti(path, 'a 4D betas NIfTI (X, Y, Z, trials)')
     if len(img.shape) != 4: raise MindLinkError(f'{path}: betas have shape {img.shape}; expected 4D (X, Y, Z, trials)')
     _check_same_space(path, img, ref_path, mask.shape, img.affine if affine is None else affine)
-    T = img.shape[3]
-    step = max(1, chunk_bytes // (int(np.prod(img.shape[:3])) * img.get_data_dtype().itemsize))
-    out = np.empty((T, int(mask.sum())), np.float32)
+    T, dt = img.shape[3], img.get_data_dtype()
+    n_vox = int(np.prod(img.shape[:3]))
+    fidx = np.ravel_multi_index(np.nonzero(mask), mask.shape, order='F')   # the ROI's voxels (C order) in the file's F order
+    proxy = img.dataobj                                                    # where the data starts, and its scaling
+    out = np.empty((T, len(fidx)), np.float32)
     try:
-        for a in range(0, T, step):
-            out[a:a + step] = np.asarray(img.dataobj[..., a:a + step])[mask].T
+        for buf, t in _volumes(path, int(proxy.offset), n_vox * dt.itemsize, T, chunk_bytes):
+            out[t] = np.frombuffer(buf, dt, count=n_vox)[fidx]
     except (OSError, EOFError, ValueError, zlib.error) as e:
         raise MindLinkError(f'{path}: could not read the betas (truncated or corrupt? {e})') from None
+    if (proxy.slope, proxy.inter) != (1, 0): out *= proxy.slope; out += proxy.inter
     bad = ~np.isfinite(out)
     if bad.any():
         t, v = np.argwhere(bad)[0]
@@ -396,104 +416,6 @@ NSD_DESIGN_SHAPES = {'subjectim': (8, 10000), 'masterordering': (1, 30000), 'sha
 NSD_STIMULI_SHAPE = (73000, 425, 425, 3)  # imgBrick, uint8
 NSD_BUCKET = 's3://natural-scenes-dataset'  # where the files live (access after NSD's data-use agreement)
 PAPER_SUBJECTS = (1, 2, 5, 7)  # the subjects who completed all 40 sessions (MindLink's training set)
-
-# %% ../nbs/01_data.ipynb #6936de6c
-def _posterior_roi(shape, n_voxels: int, seed: int = 0, thickness: float = 0.06) -> np.ndarray:
-    "bool `shape`: exactly `n_voxels` voxels of a cortical sheet (an ellipsoidal shell) at the back and top of the grid."
-    g = np.indices(shape).reshape(3, -1).T.astype(np.float32)
-    c, r = (np.array(shape) - 1) / 2, np.array(shape) * np.array([.45, .47, .45])
-    rho = np.sqrt((((g - c) / r) ** 2).sum(1))
-    shell = np.flatnonzero((rho <= 1) & (rho > 1 - thickness))
-    if len(shell) < n_voxels: raise MindLinkError(f'a {shape} grid has only {len(shell)} shell voxels; {n_voxels} asked')
-    # posterior first (low y), not too low (above the cerebellum), with a little jitter so the border is not a plane
-    score = g[shell, 1] / shape[1] + 3.5 * np.clip(.3 - g[shell, 2] / shape[2], 0, None)
-    score += np.random.default_rng(seed).uniform(0, .05, len(shell))
-    m = np.zeros(int(np.prod(shape)), bool); m[shell[np.argsort(score, kind='stable')[:n_voxels]]] = True
-    return m.reshape(shape)
-
-def nifti_header(shape, dtype, affine):
-    "A NIfTI-1 header for data of `shape` and `dtype` in NSD's func1pt8mm space (1.8 mm voxels), the data at byte 352."
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(shape); hdr.set_data_dtype(dtype); hdr.set_zooms((1.8, 1.8, 1.8) + (1.,) * (len(shape) - 3))
-    hdr.set_qform(affine, 1); hdr.set_sform(affine, 1); hdr['vox_offset'] = 352
-    return hdr
-
-def write_nifti_stream(path, hdr, volumes, compresslevel: int = 1):
-    "Write a .nii.gz volume by volume (the last axis is the slowest on disk), never holding the whole 4D array."
-    z = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # wbits 31: a gzip stream, CRC computed by zlib
-    with atomic_write(path) as f:
-        f.write(z.compress(hdr.binaryblock + b'\0' * 4))      # header, empty extension flag: data at byte 352
-        for v in volumes: f.write(z.compress(np.asarray(v, hdr.get_data_dtype()).tobytes(order='F')))
-        f.write(z.flush())
-
-def _rehearsal_image(rng, size: int) -> np.ndarray:
-    "A smooth random colour image (a few low-frequency waves per channel, plus a disc), uint8 (size, size, 3)."
-    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
-    f, ph, a = rng.uniform(1, 4, (2, 4, 3)), rng.uniform(0, 2 * np.pi, (4, 3)), rng.uniform(20, 50, (4, 3))
-    im = 128 + (a * np.cos(2 * np.pi * (f[0] * xx[..., None, None] + f[1] * yy[..., None, None]) + ph)).sum(2)  # (size, size, 3)
-    yy, xx = yy * size, xx * size
-    cy, cx, rad = rng.uniform(.25, .75) * size, rng.uniform(.25, .75) * size, rng.uniform(.1, .25) * size
-    im[(yy - cy) ** 2 + (xx - cx) ** 2 < rad ** 2] = rng.uniform(0, 255, 3)
-    return np.clip(im, 0, 255).astype(np.uint8)
-
-def make_nsd_rehearsal(root,
-                       subjects=PAPER_SUBJECTS,  # subject numbers (1-8): published grid and nsdgeneral size each
-                       sessions: int = 1,        # sessions per subject, 750 trials each
-                       n_shared: int = 4,        # shared images the sessions show (the test set)
-                       n_own: int = 8,           # each subject's own images the sessions show (its training set)
-                       seed: int = 0,
-                       compresslevel: int = 1,   # gzip level of the NIfTI files (1: fastest)
-                       show_progress: bool = False) -> Path:
-    "Write an NSD-shaped folder at the real geometry (shapes, dtypes, sizes) with synthetic content; returns `root`."
-    root, rng = Path(root), np.random.default_rng(seed)
-    subjects = [int(s) for s in subjects]
-    bad = [s for s in subjects if s not in NSD_SUBJECTS]
-    if bad: raise MindLinkError(f'subjects {bad}: NSD has subjects 1-8')
-    T, (n_sub, n_col), n_trials = NSD_TRIALS_PER_SESSION, NSD_DESIGN_SHAPES['subjectim'], NSD_DESIGN_SHAPES['masterordering'][1]
-    n_all, n_sh = NSD_STIMULI_SHAPE[0], NSD_DESIGN_SHAPES['sharedix'][1]
-    # design: 1000 shared 73k ids, then 9000 own ids per subject, disjoint (8 x 9000 + 1000 = 73000, as in NSD)
-    perm = rng.permutation(n_all)
-    shared = np.sort(perm[:n_sh])
-    subjectim = np.stack([np.r_[shared, perm[n_sh + k * (n_col - n_sh): n_sh + (k + 1) * (n_col - n_sh)]] for k in range(n_sub)]) + 1
-    shown = np.r_[np.arange(1, n_shared + 1), np.arange(n_sh + 1, n_sh + n_own + 1)]   # 1-based columns the written sessions show
-    first = np.resize(shown, sessions * T)                                                   # cycled through the sessions
-    rest = rng.permutation(np.tile(np.arange(1, n_col + 1), 3))[:n_trials - len(first)]
-    masterordering = np.r_[first, rest][None]
-    with atomic_write(expdesign_path(root)) as f:
-        scipy.io.savemat(f, dict(subjectim=subjectim.astype(np.float64), masterordering=masterordering.astype(np.float64),
-                                 sharedix=(shared + 1)[None].astype(np.float64)))
-    # stimuli: only the images shown are written
-    ids = np.unique(np.concatenate([subjectim[s - 1, shown - 1] - 1 for s in subjects]))
-    H = NSD_STIMULI_SHAPE[1]
-    stimuli_path(root).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(stimuli_path(root)) as f, h5py.File(f, 'w') as h:
-        d = h.create_dataset(STIMULI_KEY, shape=NSD_STIMULI_SHAPE, dtype=np.uint8, chunks=(1,) + NSD_STIMULI_SHAPE[1:],
-                             compression='gzip', compression_opts=compresslevel)
-        for i in ids: d[i] = _rehearsal_image(np.random.default_rng([seed, int(i)]), H)
-    # per subject: ROI, brain mask, betas (signal = an image-specific pattern, plus noise)
-    for s in progress(subjects, desc='subjects', disable=not show_progress):
-        shape, n_vox = NSD_SUBJECTS[s]['shape'], NSD_SUBJECTS[s]['nsdgeneral']
-        affine = np.diag([1.8, 1.8, 1.8, 1.]); affine[:3, 3] = -0.9 * (np.array(shape) - 1)
-        roi = _posterior_roi(shape, n_vox, seed=seed + s)
-        g = np.indices(shape).transpose(1, 2, 3, 0)
-        brain = ((((g - (np.array(shape) - 1) / 2) / (np.array(shape) * np.array([.45, .47, .45]))) ** 2).sum(-1) <= 1)
-        nsdgeneral = np.where(roi, 1, np.where(brain, 0, -1)).astype(np.int16)   # NSD's coding: -1 outside the brain
-        roi_path(root, s).parent.mkdir(parents=True, exist_ok=True)
-        write_nifti_stream(roi_path(root, s), nifti_header(shape, np.int16, affine), [nsdgeneral], compresslevel)
-        write_nifti_stream(brainmask_path(root, s), nifti_header(shape, np.int16, affine), [brain.astype(np.int16)], compresslevel)
-        srng = np.random.default_rng([seed, s])
-        pattern = srng.standard_normal((len(shown), n_vox)).astype(np.float32)       # one response pattern per image shown
-        col = {int(c): j for j, c in enumerate(shown)}
-        flat, vol = np.flatnonzero(roi.ravel(order='F')), np.zeros(int(np.prod(shape)), np.int16)
-        def volumes(k):
-            for t in range(k * T, (k + 1) * T):
-                b = 0.5 * pattern[col[int(masterordering[0, t])]] + srng.standard_normal(n_vox).astype(np.float32)
-                vol[flat] = np.clip(np.round(BETA_SCALE * b), -32768, 32767)    # percent signal change x 300, int16
-                yield vol.reshape(shape, order='F')
-        betas_dir(root, s).mkdir(parents=True, exist_ok=True)
-        for k in range(sessions):
-            write_nifti_stream(betas_path(root, s, k + 1), nifti_header(shape + (T,), np.int16, affine), volumes(k), compresslevel)
-    return root
 
 # %% ../nbs/01_data.ipynb #5bfcc002
 _BETAS_NAME = re.compile(r'betas_session(\d\d)\.nii(\.gz)?$')

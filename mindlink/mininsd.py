@@ -8,10 +8,10 @@ __all__ = ['SHAPES', 'COLOURS', 'FEATURES', 'TINY_MINI_NSD', 'DEMO_MINI_NSD', 'T
            'voxel_signal', 'subject_model', 'trial_betas', 'true_ncsnr', 'nsd_noise_scale', 'make_mini_nsd',
            'load_truth', 'plot_rf_maps', 'reverse_correlation', 'cross_subject_correlation', 'region_means',
            'ridge_decode', 'simulate_responses', 'token_function', 'response_model', 'best_linear_decoder',
-           'decoding_ceiling']
+           'nifti_header', 'write_nifti_stream', 'make_nsd_rehearsal']
 
 # %% ../nbs/01a_mininsd.ipynb #7b2e6f13
-import gzip, importlib.util, time
+import gzip, importlib.util, zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import scipy.io
 from scipy import ndimage
 
 from .utils import MindLinkError, atomic_write, load_json, progress, save_json
-from .data import (BETA_SCALE, STIMULI_KEY, NSDReader, accumulate_by_image, betas_path, brainmask_path,
-                           expdesign_path, need_file, roi_path, stimuli_path, t1_path, zscore_session)
+from .data import (BETA_SCALE, NSD_DESIGN_SHAPES, NSD_STIMULI_SHAPE, NSD_SUBJECTS, NSD_TRIALS_PER_SESSION, PAPER_SUBJECTS,
+                           STIMULI_KEY, NSDReader, accumulate_by_image, betas_dir, betas_path, brainmask_path, expdesign_path,
+                           need_file, roi_path, stimuli_path, t1_path, zscore_session)
 
 # %% ../nbs/01a_mininsd.ipynb #b5ad023d
 SHAPES = ('disc', 'square', 'triangle', 'ring', 'cross', 'bar')
@@ -534,32 +535,100 @@ def best_linear_decoder(mu: np.ndarray,    # (n, V) noise-free responses μ(I) o
     W = np.linalg.solve(mc.T @ mc/len(mc) + S_eta, mc.T @ zc/len(mc))   # (V, D)
     return lambda X: (np.asarray(X, np.float64) - mu.mean(0)) @ W + Z.mean(0)
 
-# %% ../nbs/01a_mininsd.ipynb #0fc7fa37
-def decoding_ceiling(root, subj: int,
-                     targets,                  # fitted embedder (`.embed`) or function images -> tokens: the decoding targets z
-                     n_fresh: int = 2000,      # new stimuli whose noise-free responses estimate Σ_μμ, Σ_μz
-                     n_sim: int = 0,           # also ridge on this many simulated noisy responses (approaches the ceiling from below)
-                     seed: int = 0) -> dict:   # new stimuli, simulated noise, CV folds
-    "Top-1 retrieval of the world's test images by the best linear decoder (`ceiling`), by ridge on the world's own training images (`own`)."
-    from mindlink.baselines import fit_ridge
-    from mindlink.metrics import retrieval_top1
-    tokens = token_function(targets)
-    if int(n_fresh) < 10: raise MindLinkError(f'n_fresh={n_fresh}: expected at least 10 new stimuli')
-    t0, reader = time.time(), NSDReader(root)
-    sp, d = reader.split([subj])[subj], reader.load_subject(subj)
-    X_test, Z_test = d.select(sp['test']).betas, tokens(reader.stimuli(sp['test']))
-    score = lambda Z_hat: retrieval_top1(Z_hat, Z_test, pool=len(Z_test))['brain_to_image']
-    scale, S_eta, (p, md, ref) = response_model(root, subj)
-    rng = np.random.default_rng([int(subj), seed, 2])
-    images, lab = make_stimuli(int(n_fresh), p['image_size'], seed=int(rng.integers(2**31)))
-    mu = voxel_signal(md['vox'], feature_maps(images), lab['shape'], ref=ref).astype(np.float64)*scale   # (n, V)
-    best = best_linear_decoder(mu, tokens(images), S_eta)
-    own = fit_ridge(d.select(sp['train']).betas, tokens(reader.stimuli(sp['train'])), seed=seed)
-    out = dict(subject=int(subj), n_fresh=int(n_fresh), n_train=len(sp['train']), n_test=len(sp['test']),
-               ceiling=score(best(X_test)), own=score(own(X_test)), lam_own=own.lam)
-    if n_sim:
-        ims, lab = make_stimuli(int(n_sim), p['image_size'], seed=int(rng.integers(2**31)))
-        sim = fit_ridge(simulate_responses(root, subj, ims, lab['shape'], seed), tokens(ims), seed=seed)
-        out.update(n_sim=int(n_sim), simulated=score(sim(X_test)), lam_simulated=sim.lam)
-    out['seconds'] = time.time() - t0
-    return out
+# %% ../nbs/01a_mininsd.ipynb #6936de6c
+def _posterior_roi(shape, n_voxels: int, seed: int = 0, thickness: float = 0.06) -> np.ndarray:
+    "bool `shape`: exactly `n_voxels` voxels of a cortical sheet (an ellipsoidal shell) at the back and top of the grid."
+    g = np.indices(shape).reshape(3, -1).T.astype(np.float32)
+    c, r = (np.array(shape) - 1) / 2, np.array(shape) * np.array([.45, .47, .45])
+    rho = np.sqrt((((g - c) / r) ** 2).sum(1))
+    shell = np.flatnonzero((rho <= 1) & (rho > 1 - thickness))
+    if len(shell) < n_voxels: raise MindLinkError(f'a {shape} grid has only {len(shell)} shell voxels; {n_voxels} asked')
+    # posterior first (low y), not too low (above the cerebellum), with a little jitter so the border is not a plane
+    score = g[shell, 1] / shape[1] + 3.5 * np.clip(.3 - g[shell, 2] / shape[2], 0, None)
+    score += np.random.default_rng(seed).uniform(0, .05, len(shell))
+    m = np.zeros(int(np.prod(shape)), bool); m[shell[np.argsort(score, kind='stable')[:n_voxels]]] = True
+    return m.reshape(shape)
+
+def nifti_header(shape, dtype, affine):
+    "A NIfTI-1 header for data of `shape` and `dtype` in NSD's func1pt8mm space (1.8 mm voxels), the data at byte 352."
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape); hdr.set_data_dtype(dtype); hdr.set_zooms((1.8, 1.8, 1.8) + (1.,) * (len(shape) - 3))
+    hdr.set_qform(affine, 1); hdr.set_sform(affine, 1); hdr['vox_offset'] = 352
+    return hdr
+
+def write_nifti_stream(path, hdr, volumes, compresslevel: int = 1):
+    "Write a .nii.gz volume by volume (the last axis is the slowest on disk), never holding the whole 4D array."
+    z = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # wbits 31: a gzip stream, CRC computed by zlib
+    with atomic_write(path) as f:
+        f.write(z.compress(hdr.binaryblock + b'\0' * 4))      # header, empty extension flag: data at byte 352
+        for v in volumes: f.write(z.compress(np.asarray(v, hdr.get_data_dtype()).tobytes(order='F')))
+        f.write(z.flush())
+
+def _rehearsal_image(rng, size: int) -> np.ndarray:
+    "A smooth random colour image (a few low-frequency waves per channel, plus a disc), uint8 (size, size, 3)."
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+    f, ph, a = rng.uniform(1, 4, (2, 4, 3)), rng.uniform(0, 2 * np.pi, (4, 3)), rng.uniform(20, 50, (4, 3))
+    im = 128 + (a * np.cos(2 * np.pi * (f[0] * xx[..., None, None] + f[1] * yy[..., None, None]) + ph)).sum(2)  # (size, size, 3)
+    yy, xx = yy * size, xx * size
+    cy, cx, rad = rng.uniform(.25, .75) * size, rng.uniform(.25, .75) * size, rng.uniform(.1, .25) * size
+    im[(yy - cy) ** 2 + (xx - cx) ** 2 < rad ** 2] = rng.uniform(0, 255, 3)
+    return np.clip(im, 0, 255).astype(np.uint8)
+
+def make_nsd_rehearsal(root,
+                       subjects=PAPER_SUBJECTS,  # subject numbers (1-8): published grid and nsdgeneral size each
+                       sessions: int = 1,        # sessions per subject, 750 trials each
+                       n_shared: int = 4,        # shared images the sessions show (the test set)
+                       n_own: int = 8,           # each subject's own images the sessions show (its training set)
+                       seed: int = 0,
+                       compresslevel: int = 1,   # gzip level of the NIfTI files (1: fastest)
+                       show_progress: bool = False) -> Path:
+    "Write an NSD-shaped folder at the real geometry (shapes, dtypes, sizes) with synthetic content; returns `root`."
+    root, rng = Path(root), np.random.default_rng(seed)
+    subjects = [int(s) for s in subjects]
+    bad = [s for s in subjects if s not in NSD_SUBJECTS]
+    if bad: raise MindLinkError(f'subjects {bad}: NSD has subjects 1-8')
+    T, (n_sub, n_col), n_trials = NSD_TRIALS_PER_SESSION, NSD_DESIGN_SHAPES['subjectim'], NSD_DESIGN_SHAPES['masterordering'][1]
+    n_all, n_sh = NSD_STIMULI_SHAPE[0], NSD_DESIGN_SHAPES['sharedix'][1]
+    # design: 1000 shared 73k ids, then 9000 own ids per subject, disjoint (8 x 9000 + 1000 = 73000, as in NSD)
+    perm = rng.permutation(n_all)
+    shared = np.sort(perm[:n_sh])
+    subjectim = np.stack([np.r_[shared, perm[n_sh + k * (n_col - n_sh): n_sh + (k + 1) * (n_col - n_sh)]] for k in range(n_sub)]) + 1
+    shown = np.r_[np.arange(1, n_shared + 1), np.arange(n_sh + 1, n_sh + n_own + 1)]   # 1-based columns the written sessions show
+    first = np.resize(shown, sessions * T)                                                   # cycled through the sessions
+    rest = rng.permutation(np.tile(np.arange(1, n_col + 1), 3))[:n_trials - len(first)]
+    masterordering = np.r_[first, rest][None]
+    with atomic_write(expdesign_path(root)) as f:
+        scipy.io.savemat(f, dict(subjectim=subjectim.astype(np.float64), masterordering=masterordering.astype(np.float64),
+                                 sharedix=(shared + 1)[None].astype(np.float64)))
+    # stimuli: only the images shown are written
+    ids = np.unique(np.concatenate([subjectim[s - 1, shown - 1] - 1 for s in subjects]))
+    H = NSD_STIMULI_SHAPE[1]
+    stimuli_path(root).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(stimuli_path(root)) as f, h5py.File(f, 'w') as h:
+        d = h.create_dataset(STIMULI_KEY, shape=NSD_STIMULI_SHAPE, dtype=np.uint8, chunks=(1,) + NSD_STIMULI_SHAPE[1:],
+                             compression='gzip', compression_opts=compresslevel)
+        for i in ids: d[i] = _rehearsal_image(np.random.default_rng([seed, int(i)]), H)
+    # per subject: ROI, brain mask, betas (signal = an image-specific pattern, plus noise)
+    for s in progress(subjects, desc='subjects', disable=not show_progress):
+        shape, n_vox = NSD_SUBJECTS[s]['shape'], NSD_SUBJECTS[s]['nsdgeneral']
+        affine = np.diag([1.8, 1.8, 1.8, 1.]); affine[:3, 3] = -0.9 * (np.array(shape) - 1)
+        roi = _posterior_roi(shape, n_vox, seed=seed + s)
+        g = np.indices(shape).transpose(1, 2, 3, 0)
+        brain = ((((g - (np.array(shape) - 1) / 2) / (np.array(shape) * np.array([.45, .47, .45]))) ** 2).sum(-1) <= 1)
+        nsdgeneral = np.where(roi, 1, np.where(brain, 0, -1)).astype(np.int16)   # NSD's coding: -1 outside the brain
+        roi_path(root, s).parent.mkdir(parents=True, exist_ok=True)
+        write_nifti_stream(roi_path(root, s), nifti_header(shape, np.int16, affine), [nsdgeneral], compresslevel)
+        write_nifti_stream(brainmask_path(root, s), nifti_header(shape, np.int16, affine), [brain.astype(np.int16)], compresslevel)
+        srng = np.random.default_rng([seed, s])
+        pattern = srng.standard_normal((len(shown), n_vox)).astype(np.float32)       # one response pattern per image shown
+        col = {int(c): j for j, c in enumerate(shown)}
+        flat, vol = np.flatnonzero(roi.ravel(order='F')), np.zeros(int(np.prod(shape)), np.int16)
+        def volumes(k):
+            for t in range(k * T, (k + 1) * T):
+                b = 0.5 * pattern[col[int(masterordering[0, t])]] + srng.standard_normal(n_vox).astype(np.float32)
+                vol[flat] = np.clip(np.round(BETA_SCALE * b), -32768, 32767)    # percent signal change x 300, int16
+                yield vol.reshape(shape, order='F')
+        betas_dir(root, s).mkdir(parents=True, exist_ok=True)
+        for k in range(sessions):
+            write_nifti_stream(betas_path(root, s, k + 1), nifti_header(shape + (T,), np.int16, affine), volumes(k), compresslevel)
+    return root

@@ -43,7 +43,7 @@ def fullscale(tmp_path_factory):
     nsdgeneral of the published size, NSD-shaped design and imgBrick; 4 shared + 8 own images shown), `sd` and
     `ip_adapter`: SD 1.5 + IP-Adapter Plus folders in the real layout (tokens 16 x 768, ViT-H width, 512 px, cut depth),
     `metric_weights`: the five metric networks in MINDLINK_WEIGHTS's layout (real architectures, random weights)."""
-    from mindlink.data import make_nsd_rehearsal
+    from mindlink.mininsd import make_nsd_rehearsal
     from mindlink.metrics import write_random_metric_weights
     from mindlink.reconstruction import build_sd_ip_adapter
     base = tmp_path_factory.mktemp('fullscale')

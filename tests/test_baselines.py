@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mindlink import baselines, training
+from mindlink import baselines
+from mindlink.prepare import prepare_data
 from mindlink.baselines import (VoxelMLP, adapt_baseline, adapt_subset, baseline_targets, fit_baseline, train_mlp)
 from mindlink.data import NSDReader
 from mindlink.model import MindLinkConfig
@@ -46,7 +47,7 @@ def run(mixup, steps=6):
 
 
 def test_mixup_zero_is_training_without_it():
-    with mock.patch.object(training, 'mixup_batch', side_effect=AssertionError('mixup_batch called at α = 0')):
+    with mock.patch.object(baselines, 'mixup_batch', side_effect=AssertionError('mixup_batch called at α = 0')):
         steps0, w0 = run(0.0)
     torch.manual_seed(0)
     net = VoxelMLP({1: 8, 2: 8}, n_tokens=1, token_dim=8, hidden=8, n_blocks=1)
@@ -73,10 +74,10 @@ def test_mixup_mixes_inputs_and_targets_alike_within_each_subject():
 
 def test_mixup_reaches_train_mlp_through_fit_baseline(mini_nsd_root, targets):
     calls = []
-    real = training.mixup_batch
+    real = baselines.mixup_batch
     def spy(*a):
         calls.append(a[3]); return real(*a)
-    with mock.patch.object(training, 'mixup_batch', spy):
+    with mock.patch.object(baselines, 'mixup_batch', spy):
         a = fit_baseline('shared-mlp', mini_nsd_root, [1, 2], targets, mixup=0.5, **SMALL)
     assert calls == [0.5] * (2 * SMALL['steps']) and a.info['options']['mixup'] == 0.5   # one call per subject and step
     b = fit_baseline('shared-mlp', mini_nsd_root, [1, 2], targets, mixup=0.5, **SMALL)
@@ -95,7 +96,7 @@ def own_copy(mini_nsd_root, tmp_path_factory):
 @pytest.mark.parametrize('n,seed', [(12, 0), (20, 3), (36, 1)])
 def test_adapt_subset_is_the_images_mindlinks_adaptation_trains_on(own_copy, n, seed):
     # chapter 12's adapt() trains with the config's seed set to the run's seed, on subjects=[subject], n_train=n
-    data = training.prepare_data(MindLinkConfig.tiny(n_subjects=1).replace(seed=seed), own_copy, subjects=[5], n_train=n)
+    data = prepare_data(MindLinkConfig.tiny(n_subjects=1).replace(seed=seed), own_copy, subjects=[5], n_train=n)
     np.testing.assert_array_equal(np.unique(data.train._ids), adapt_subset(own_copy, 5, n, seed))
     assert len(adapt_subset(own_copy, 5, n, seed)) == n
 
@@ -105,7 +106,9 @@ def test_an_adapted_baseline_is_scored_as_mindlinks_adapted_models_are(mini_nsd_
     from mindlink.pipeline import score_tokens
     from mindlink.reconstruction import make_reconstructor
     reader = NSDReader(mini_nsd_root)
-    emb = RegionPCAEmbedder.load(Path(mini_nsd_root) / 'mindlink_cache' / 'embedder_regionpca_n16_d64_subj1-2-3-4')
+    from mindlink.model import MindLinkConfig
+    from mindlink.prepare import prepare_data
+    emb = prepare_data(MindLinkConfig.tiny(), mini_nsd_root, reader=reader).embedder      # the embedder MindLink trains on
     pre = fit_baseline('shared-mlp', reader, [1, 2, 3, 4], targets, **SMALL)
     for kind, kw in (('ridge', dict(lam=10.)), ('mlp', SMALL), ('shared-mlp', dict(pretrained=pre, **SMALL))):
         bl = adapt_baseline(kind, reader, 5, targets, 24, seed=1, **kw)
