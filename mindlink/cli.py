@@ -176,6 +176,7 @@ def cmd_experiments(a):
     "`mindlink experiments`: chapter 13's result files (`run_experiments`), with `--learning` its learning-speed study (`run_learning_study`), with `--recipe` its mixup study (`run_recipe_study`)."
     from mindlink.experiments import LEARNING_ARMS, RECIPE_ARMS, run_experiments, run_learning_study, run_recipe_study
     if a.learning and a.recipe: raise MindLinkError('--learning and --recipe: choose one study')
+    if (a.learning or a.recipe) and (a.set or a.snr != 'default'): raise MindLinkError('--set and --snr: for the experiments of chapter 13, not --learning or --recipe')
     a.seeds, a.probe_seeds, a.sizes = _distinct(a.seeds, '--seeds'), _distinct(a.probe_seeds, '--probe-seeds'), _distinct(a.sizes, '--sizes')
     if a.recipe:
         kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
@@ -193,12 +194,17 @@ def cmd_experiments(a):
             kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
                       arms={n: LEARNING_ARMS[n] for n in list(LEARNING_ARMS)[:2]})
         return run_learning_study(a.out, **kw)
-    kw = dict(seeds=tuple(a.seeds), probe_seeds=tuple(a.probe_seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps, work=a.work, jobs=a.jobs, fresh=a.fresh)
+    from mindlink.pipeline import demo_config
+    overrides = dict(a.set)
+    try: demo_config(**overrides)                  # checked before any work
+    except MindLinkError as e: raise MindLinkError(f'--set: {e}') from None
+    kw = dict(seeds=tuple(a.seeds), probe_seeds=tuple(a.probe_seeds), sizes=tuple(a.sizes or (50, 150, 300)), adapt_steps=a.steps,
+              work=a.work, jobs=a.jobs, fresh=a.fresh, snr=a.snr, overrides=overrides)
     if a.quick:
         from mindlink.mininsd import TINY_MINI_NSD
         from mindlink.pipeline import QUICK_BASELINES, QUICK_TRAIN, demo_config
         kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN), baseline_options=QUICK_BASELINES,
-                  sizes=tuple(a.sizes or (12, 24)), adapt_steps=4, seeds=tuple(a.seeds)[:1], probe_seeds=())
+                  sizes=tuple(a.sizes or (12, 24)), adapt_steps=4, seeds=tuple(a.seeds)[:1], probe_seeds=(), n_fresh=200)
     run_experiments(a.out, **kw)
 
 # %% ../nbs/14_cli.ipynb #0af97ba0
@@ -315,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--sizes', type=_count(1), nargs='+', help='training images of the new subject (default 50 150 300; --quick: 12 24)')
     x.add_argument('--steps', type=_count(1), default=150, help='optimizer steps of each adaptation run')
     x.add_argument('--quick', action='store_true', help='tiny sizes: checks the plumbing')
+    x.add_argument('--snr', default='default', choices=['default', 'nsd'], help="the MiniNSD world: 'nsd' has NSD's noise ceiling (chapter 1a)")
+    _add_set(x)
     x.add_argument('--learning', action='store_true', help="the learning-speed study instead (results for nbs/learning_cache)")
     x.add_argument('--recipe', action='store_true', help="the mixup study instead (results for nbs/recipe_cache)")
     return p

@@ -8,7 +8,7 @@ __all__ = ['PROBE_ONLY', 'LEARNING_BASE', 'LEARNING_ARMS', 'RECIPE_ARMS', 'exper
            'run_recipe_study']
 
 # %% ../nbs/13_experiments.ipynb #c2c18bd8
-import math, tempfile, time
+import json, math, tempfile, time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -22,7 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .utils import MindLinkError, map_jobs, save_json, say, worker_threads
-from .mininsd import DEMO_MINI_NSD, make_mini_nsd
+from .mininsd import DEMO_MINI_NSD, SNR_WORLDS, make_mini_nsd
 from .grl import SubjectClassifier
 from .metrics import retrieval_top1, subject_probe_accuracy
 from .model import MindLinkConfig
@@ -30,9 +30,9 @@ from .prepare import TrainData, prepare_data
 from .runs import Run, run_dir
 from .training import LOSS_KEYS, train
 from .embeddings import stack_tokens
-from .pipeline import demo_config, score_baseline, train_and_score
+from .pipeline import demo_config, matched_baseline_options, score_baseline, train_and_score
 from .adaptation import adaptation_study
-from .baselines import BASELINES, BASELINE_GROUP
+from .baselines import BASELINES, BASELINE_GROUP, decoding_ceiling
 
 # %% ../nbs/13_experiments.ipynb #02df38ba
 PROBE_ONLY = 'extra seeds for the subject probe'
@@ -80,13 +80,19 @@ def run_experiments(out,                    # results folder (the chapter reads 
                     work=None,              # where data and runs go (default: a folder in the system's temp dir; the chapter does not need them)
                     jobs: int = 1,          # training runs side by side in worker processes (`mindlink.utils.map_jobs`)
                     fresh: bool = False,    # retrain every run; by default a run already in `work` is continued or, if finished, only scored
-                    baseline_options: dict | None = None,  # kind -> options of the baselines' `fit_baseline` (default: their own)
+                    baseline_options: dict | None = None,  # kind -> options of the baselines (default: the MLPs with the config's mixup)
+                    snr: str = 'default',   # the MiniNSD world: 'default', or 'nsd' (noise calibrated to NSD's, chapter 1a)
+                    overrides: dict | None = None,  # config fields set on the command line (`--set`), recorded in the command
+                    n_fresh: int = 2000,    # new stimuli of the decoding ceiling (`decoding_ceiling`)
                     verbose: bool = True) -> dict:
     "Train and score every configuration of chapter 13 and write its small result files to `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    work = Path(work) if work is not None else Path(tempfile.gettempdir()) / 'mindlink_experiments'
-    cfg = cfg or demo_config()
-    data_kw = DEMO_MINI_NSD if data_kw is None else data_kw
+    if snr not in SNR_WORLDS: raise MindLinkError(f'snr={snr!r}: expected one of {list(SNR_WORLDS)}')
+    work = Path(work) if work is not None else Path(tempfile.gettempdir()) / ('mindlink_experiments' + ('' if snr == 'default' else f'_{snr}'))
+    overrides = dict(overrides or {})
+    cfg = (cfg or demo_config()).replace(**overrides)
+    data_kw = {**(DEMO_MINI_NSD if data_kw is None else data_kw), **({} if snr == 'default' else {'snr': snr})}
+    baseline_options = matched_baseline_options(cfg, baseline_options)
     n_own = data_kw.get('n_train', 500)
     if max(sizes) > n_own: raise MindLinkError(f'sizes {list(sizes)}: the new subject has only n_train={n_own} training images in this MiniNSD')
     t_start = time.time()
@@ -116,7 +122,6 @@ def run_experiments(out,                    # results folder (the chapter reads 
         if seed == seeds[0]: fits[method] = (fit, e, lab)
     # the flattened-voxel baselines (chapter 11a): same subjects, voxels and targets z, scored by the same code;
     # an MLP per seed, the ridge once (its only random choice, the CV folds, uses the first seed)
-    baseline_options = baseline_options or {}
     bl_jobs = [dict(kind=k, root=root, subjects=subjects, embedder=emb_dir, seed=seed, images=False, **baseline_options.get(k, {}))
                for k in BASELINES for seed in (seeds[:1] if k == 'ridge' else seeds)]
     say(verbose, f'[experiments] {len(bl_jobs)} baseline fits on flattened voxels, {jobs} at a time')
@@ -142,12 +147,17 @@ def run_experiments(out,                    # results folder (the chapter reads 
     # Table 3 / Fig. 4
     say(verbose, '[experiments] adaptation to subject 5')
     df = adaptation_study(run_dir(work, 'MindLink', seeds[0]), root, work / 'adapt', 5, sizes, seeds, adapt_steps,
-                          verbose=verbose, jobs=jobs, resume=not fresh)
+                          verbose=verbose, jobs=jobs, resume=not fresh, baselines=tuple(BASELINES), baseline_options=baseline_options)
     df.to_csv(out / 'table3.csv', index=False)
-    meta = dict(command=f'mindlink experiments --out {out} --seeds {" ".join(map(str, seeds))}'
-                        + (f' --probe-seeds {" ".join(map(str, probe_seeds))}' if probe_seeds else '') + f' --jobs {jobs}',
+    # the limit of decoding in this world: the best linear decoder of every subject, beside ridge on its own training images
+    say(verbose, '[experiments] the decoding ceiling of every subject')
+    pd.DataFrame([decoding_ceiling(root, s, data.embedder, n_fresh=n_fresh) for s in data.reader.subjects()]).to_csv(out / 'ceiling.csv', index=False)
+    command = (f'mindlink experiments --out {out} --seeds {" ".join(map(str, seeds))}'
+               + (f' --probe-seeds {" ".join(map(str, probe_seeds))}' if probe_seeds else '') + f' --jobs {jobs}'
+               + (f' --snr {snr}' if snr != 'default' else '') + ''.join(f' --set {k}={json.dumps(v)}' for k, v in overrides.items()))
+    meta = dict(command=command, world=snr, overrides=overrides,
                 seeds=list(seeds), probe_seeds=list(probe_seeds), jobs=jobs, fresh=fresh, sizes=list(sizes), adapt_steps=adapt_steps,
-                baseline_options=baseline_options,
+                baseline_options=baseline_options, n_fresh=n_fresh,
                 data=dict(data_kw), config=cfg.to_dict(), seconds=time.time() - t_start, training_runs=len(runs),
                 run_seconds_sum=sum(f.seconds for f in results),  # training time of every run, including runs an earlier call trained
                 made=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),

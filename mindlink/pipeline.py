@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['QUICK_TRAIN', 'QUICK_BASELINES', 'SubjectScore', 'score_tokens', 'score_subject', 'run_decoder', 'score_run',
-           'BaselineScore', 'score_baseline', 'score_baselines', 'demo_config', 'loss_curves', 'test_embeddings',
-           'FitResult', 'train_and_score', 'PipelineResult', 'run_pipeline', 'evaluate_run', 'reconstruct_run']
+           'BaselineScore', 'score_baseline', 'score_baselines', 'matched_baseline_options', 'demo_config',
+           'loss_curves', 'test_embeddings', 'FitResult', 'train_and_score', 'PipelineResult', 'run_pipeline',
+           'evaluate_run', 'reconstruct_run']
 
 # %% ../nbs/11b_pipeline.ipynb #063e05bc
 import multiprocessing as mp, os, time
@@ -114,6 +115,11 @@ def score_baselines(jobs: list) -> list:
 QUICK_TRAIN = dict(epochs=2, warmup_epochs=1, batch_size=16, eval_every=1, ckpt_every=1)
 QUICK_BASELINES = {'mlp': dict(steps=20), 'shared-mlp': dict(steps=20)}   # and 20 steps for each baseline MLP (chapter 11a)
 
+def matched_baseline_options(cfg: MindLinkConfig, options: dict | None = None) -> dict:
+    "The baselines' options as the demo and the experiments fit them: the MLPs with the mixup MindLink's config trains with (chapter 9), then `options` (kind -> options)."
+    matched = {k: dict(mixup=cfg.mixup) for k in ('mlp', 'shared-mlp')}
+    return {k: {**matched.get(k, {}), **(options or {}).get(k, {})} for k in {*matched, *(options or {})}}
+
 def demo_config(**overrides) -> MindLinkConfig:
     "The demo's config: the tiny preset as it stands (its recipe was tuned on this data, chapter 9's learning-speed study), then `overrides`."
     return MindLinkConfig.tiny(**overrides)
@@ -204,7 +210,7 @@ def run_pipeline(out,                     # results folder (created)
                  verbose: bool = True,    # print each stage and a progress bar
                  device=None,             # default: CPU for the tiny preset
                  baselines=tuple(BASELINES),  # flattened-voxel baselines fitted and scored beside MindLink (chapter 11a); () for none
-                 baseline_options: dict | None = None,  # kind -> options of `fit_baseline` (default: the baselines' own)
+                 baseline_options: dict | None = None,  # kind -> options of `fit_baseline` (default: the MLPs with the config's mixup)
                  baseline_worker: bool | None = None,   # fit and score them in a second process while MindLink trains (default: with 2+ CPU cores)
                  ) -> PipelineResult:
     "Generate → patch → embed → train → predict → reconstruct → evaluate, writing a results folder."
@@ -213,8 +219,7 @@ def run_pipeline(out,                     # results folder (created)
     cfg = cfg or demo_config()
     subjects = [int(s) for s in subjects]
     if cfg.n_subjects != len(subjects): cfg = cfg.replace(n_subjects=len(subjects))
-    baseline_options = baseline_options or {}
-    bad = sorted(set(baselines) - set(BASELINES)) + sorted(set(baseline_options) - set(BASELINES))
+    bad = sorted(set(baselines) - set(BASELINES)) + sorted(set(baseline_options or {}) - set(BASELINES))
     if bad: raise MindLinkError(f'baselines: unknown kind(s) {bad}; expected some of {list(BASELINES)}')
     t0 = time.time()
     if root is None:
@@ -223,6 +228,7 @@ def run_pipeline(out,                     # results folder (created)
     reader = NSDReader(root)
     data = prepare_data(cfg, root, subjects, reader=reader)      # patch store, embedder, targets: once, for MindLink and the baselines
     t['data'] = time.time() - t0; t0 = time.time()
+    baseline_options = matched_baseline_options(cfg, baseline_options)   # no regulariser on one side that the other lacks
     jobs = [dict(kind=k, root=root, subjects=subjects, embedder=data.embedder, seed=cfg.seed, **baseline_options.get(k, {})) for k in baselines]
     in_worker = bool(jobs) and (baseline_worker if baseline_worker is not None else (os.cpu_count() or 1) > 1)
     pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=torch.set_num_threads,

@@ -186,9 +186,18 @@ def test_demo(tmp_path, capsys):
 def test_experiments(tmp_path, capsys):
     out = tmp_path / 'exp'
     assert main(['experiments', '--out', str(out), '--work', str(tmp_path / 'work'), '--quick', '--jobs', '2']) == 0  # two worker processes
-    for f in ('table12.csv', 'probe.csv', 'table3.csv', 'fig2.npz', 'fig3.npz', 'experiments.json'): assert (out / f).exists(), f
+    for f in ('table12.csv', 'probe.csv', 'table3.csv', 'ceiling.csv', 'fig2.npz', 'fig3.npz', 'experiments.json'): assert (out / f).exists(), f
     import pandas as pd
     t = pd.read_csv(out / 'table12.csv')
+    # Table 3 with the baselines fitted on the same images of the new subject, scored by the same code; no machine paths
+    t3 = pd.read_csv(out / 'table3.csv')
+    assert set(t3['mode']) == {'zero-shot', 'finetune', 'scratch', 'ridge', 'mlp', 'shared-mlp'}
+    assert (t3[t3['mode'] != 'zero-shot'].groupby('mode').n_train.apply(set) == {12, 24}).all() and t3.PixCorr.notna().all()
+    assert not any(str(tmp_path) in open(out / f).read() for f in ('table12.csv', 'table3.csv', 'probe.csv', 'ceiling.csv'))
+    c = pd.read_csv(out / 'ceiling.csv')
+    assert list(c.subject) == [1, 2, 3, 4, 5] and (c.ceiling >= 0).all()
+    meta = json.loads((out / 'experiments.json').read_text())
+    assert meta['world'] == 'default' and meta['config']['mixup'] == 1.0 and meta['baseline_options']['mlp']['mixup'] == 1.0
     from mindlink.baselines import BASELINES, BASELINE_GROUP
     assert set(t.method) == {'MindLink', 'w/o L_subj', 'w/o cross-attention', 'MindLink, 4× steps', 'MindLink, one model per subject',
                              'MindLink, one model per subject, same steps', *BASELINES.values()}
@@ -211,6 +220,19 @@ def test_experiments(tmp_path, capsys):
     a3, b3 = (pd.read_csv(tmp_path / d / 'table3.csv') for d in ('exp', 'exp2'))
     pd.testing.assert_frame_equal(a3[['mode', 'n_train', 'seed', 'steps', 'retrieval_top1']], b3[['mode', 'n_train', 'seed', 'steps', 'retrieval_top1']])
     fails(capsys, ['experiments', '--out', tmp_path / 'e2', '--quick', '--sizes', '5000'], '5000')
+    fails(capsys, ['experiments', '--out', tmp_path / 'e2', '--quick', '--set', 'mixup=-1'], 'mixup=-1.0 must be >= 0')
+    fails(capsys, ['experiments', '--out', tmp_path / 'e2', '--quick', '--seeds', '0', '0'], '[0] given more than once')
+
+
+def test_experiments_in_the_nsd_world_with_a_variant(tmp_path):
+    "`--snr nsd` trains on the NSD-noise world, `--set` changes the config; both are recorded with the full config and the command."
+    out = tmp_path / 'exp'
+    assert main(['experiments', '--out', str(out), '--work', str(tmp_path / 'work'), '--quick', '--snr', 'nsd', '--set', 'mixup=0']) == 0
+    meta = json.loads((out / 'experiments.json').read_text())
+    assert meta['world'] == 'nsd' and meta['data']['snr'] == 'nsd' and meta['config']['mixup'] == 0.0
+    assert '--snr nsd' in meta['command'] and '--set mixup=0' in meta['command'] and meta['baseline_options']['mlp']['mixup'] == 0.0
+    params = json.loads((tmp_path / 'work' / 'data' / 'mininsd' / 'params.json').read_text())
+    assert params['snr'] == 'nsd' and params['calibration']['noise_scale'] > 1
 
 
 def test_experiments_recipe(tmp_path, capsys):
