@@ -332,7 +332,7 @@ COMMANDS = dict(data=cmd_data, train=cmd_train, evaluate=cmd_evaluate, reconstru
 
 def main(argv=None) -> int:
     "Entry point of the `mindlink` command; returns the exit status (0; 2 for bad input; 130 when interrupted)."
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
     try: COMMANDS[args.command](args)
     except MindLinkError as e:
         print(f'mindlink {args.command}: error: {e}', file=sys.stderr)

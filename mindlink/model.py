@@ -7,7 +7,7 @@ __all__ = ['NO_DECAY', 'read_config_file', 'MindLinkConfig', 'as_config', 'MindL
            'model_flops']
 
 # %% ../nbs/08_model.ipynb #c0ad90ed
-import json, math
+import difflib, json, math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -172,7 +172,10 @@ class MindLinkConfig:
         "Build from a dict; unknown keys raise MindLinkError naming them (and `source`)."
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
-        if unknown: raise MindLinkError((f'{source}: ' if source else '') + f'unknown MindLinkConfig field(s) {unknown}; known fields: {sorted(known)}')
+        if unknown:
+            hints = [f'{k!r} (did you mean {m[0]!r}?)' if (m := difflib.get_close_matches(k, known, n=1)) else repr(k) for k in unknown]
+            raise MindLinkError((f'{source}: ' if source else '') + f'unknown MindLinkConfig field(s) {", ".join(hints)}; '
+                                'the fields are those of MindLinkConfig (chapter 8)')
         return cls(**d)
 
     def replace(self, **kw):

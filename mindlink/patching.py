@@ -387,13 +387,24 @@ class PatchStore:
             raise MindLinkError(f'{self.root}: subject {subj} is {state}; finished subjects: {self.subjects}')
         return int(subj)
 
+    def _array(self, subj, name, **kw):
+        "A stored array of `subj`, checked against what the store promises (a truncated or foreign file is one line, not a crash)."
+        f = self._dir(self._check(subj)) / name
+        try: a = np.load(f, allow_pickle=False, **kw)
+        except (ValueError, OSError, EOFError) as e:
+            raise MindLinkError(f'{f}: truncated or corrupt ({e}); delete {self.root} and it is rebuilt') from None
+        n = len(np.load(self._dir(subj) / 'image_ids.npy', mmap_mode='r')) if name != 'image_ids.npy' else len(a)
+        want = {'tokens.npy': (n, self.meta['n_patches'], self.meta['patch_dim']), 'image_ids.npy': (n,), 'n_reps.npy': (n,)}[name]
+        if a.shape != want: raise MindLinkError(f'{f}: shape {a.shape}, but the store holds {want}; delete {self.root} and it is rebuilt')
+        return a
+
     def tokens(self, subj) -> np.memmap:
         "Read-only memmap `(n_images, L, P)` of `subj`'s tokens."
         s = self._check(subj)
-        if s not in self._mm: self._mm[s] = np.load(self._dir(s) / 'tokens.npy', mmap_mode='r')
+        if s not in self._mm: self._mm[s] = self._array(s, 'tokens.npy', mmap_mode='r')
         return self._mm[s]
-    def image_ids(self, subj) -> np.ndarray: return np.load(self._dir(self._check(subj)) / 'image_ids.npy')
-    def n_reps(self, subj) -> np.ndarray: return np.load(self._dir(self._check(subj)) / 'n_reps.npy')
+    def image_ids(self, subj) -> np.ndarray: return self._array(subj, 'image_ids.npy')
+    def n_reps(self, subj) -> np.ndarray: return self._array(subj, 'n_reps.npy')
     def catalog(self):
         "One row per stored sample: `subject`, `row` (in its token file), `image_id`, `n_reps`."
         import pandas as pd

@@ -169,6 +169,9 @@ class RunLock:
         "Let other writers in."
         if self.fd is not None: os.close(self.fd); self.fd = None
 
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.release()
+
 # %% ../nbs/08b_runs.ipynb #1579d1ed
 class CSVLog:
     "Append rows (dicts) to a CSV file, keeping earlier rows up to step `keep_until`; mirrors them to TensorBoard if installed."

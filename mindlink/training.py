@@ -581,6 +581,7 @@ def train(cfg,  # MindLinkConfig, dict, or JSON/YAML file
     cfg, out_dir = as_config(cfg), Path(out_dir)
     if kwargs.get('device') is not None: get_device(kwargs['device'])   # a device that is not here: an error before any work
     state = process_state(kwargs.get('device'))  # this run's processes, before anything touches the disk
+    fresh = not out_dir.exists()
     lock = RunLock(out_dir) if state.is_main_process else None   # one writer per run folder
     try:
         ckdir = out_dir / 'checkpoints'
@@ -599,7 +600,9 @@ def train(cfg,  # MindLinkConfig, dict, or JSON/YAML file
         if trainer.acc.is_main_process: save_run_record(out_dir, data)  # fine-tuning, evaluation and reconstruction find it here
         summary = trainer.fit()
     finally:
-        if lock is not None: lock.release()
+        if lock is not None:
+            lock.release()
+            if fresh and [p.name for p in out_dir.iterdir()] == ['.lock']: shutil.rmtree(out_dir)   # refused before any work: no trace
     return Run(out_dir, trainer.cfg, trainer.module.eval(), data_record(data), data.embedder, data.reader, data.store,
                dict(trainer.state), summary)
 

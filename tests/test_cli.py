@@ -93,7 +93,7 @@ def test_data(tmp_path, capsys):
 def test_train(run, tmp_path, capsys, root):
     assert (run / 'config.json').exists() and (run / 'log.csv').exists() and (run / 'embedder' / 'config.json').exists()
     assert json.loads((run / 'config.json').read_text())['epochs'] == 2
-    fails(capsys, ['train', '--data', root, '--out', tmp_path / 'r', '--set', 'epoch=3'], "unknown MindLinkConfig field(s) ['epoch']")
+    fails(capsys, ['train', '--data', root, '--out', tmp_path / 'r', '--set', 'epoch=3'], "unknown MindLinkConfig field(s) 'epoch' (did you mean 'epochs'?)")
     fails(capsys, ['train', '--data', tmp_path / 'nowhere', '--out', tmp_path / 'r'], 'folder not found')
     (tmp_path / 'bad.yaml').write_text('warmup_epoch: 3\n')
     fails(capsys, ['train', '--data', root, '--out', tmp_path / 'r', '--config', tmp_path / 'bad.yaml'], 'bad.yaml', 'warmup_epoch')

@@ -100,7 +100,7 @@ def test_two_processes_one_preparation(mini_nsd_root, full_run, tmp_path):
 
 def test_bad_config_and_checkpoints(mini_nsd_root, cfg, full_run, tmp_path):
     _, full = full_run
-    with pytest.raises(MindLinkError, match=r"unknown MindLinkConfig field\(s\) \['warmup_epoch'\]"):
+    with pytest.raises(MindLinkError, match=r"unknown MindLinkConfig field\(s\) 'warmup_epoch' \(did you mean 'warmup_epochs'\?\)"):
         as_config({**cfg.to_dict(), 'warmup_epoch': 5})
     (tmp_path / 'c.json').write_text(json.dumps({'lr': 1e-3, 'bogus': 1}))
     with pytest.raises(MindLinkError, match=r"c\.json.*bogus"): train(tmp_path / 'c.json', mini_nsd_root, tmp_path / 'x')
