@@ -506,13 +506,13 @@ def baseline_adaptation_study(reader, subject: int, targets: dict,
 
 def plot_baseline_adaptation(df: pd.DataFrame, metric: str = 'retrieval_top1', ax=None, path=None):
     "`metric` of each baseline on the new subject against its training images (mean ± std over seeds), chance as a line."
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.2))
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.5, 3.2))
     for k, d in df.groupby('kind', sort=False):
         g = d.groupby('n_train')[metric].agg(['mean', 'std']).fillna(0.0)
         ax.errorbar(g.index, g['mean'], yerr=g['std'], marker='o', ms=4, capsize=3, label=BASELINES.get(k, k))
     ax.axhline(df['retrieval_chance'].iloc[0], color='grey', lw=.8, label='chance')
     ax.set_xlabel("new subject's training images $n$"); ax.set_ylabel('top-1 retrieval (test)'); ax.set_ylim(0, 1)
-    ax.legend(fontsize=7); fig.tight_layout()
+    ax.legend(fontsize=9, loc='center left', bbox_to_anchor=(1.02, 0.5), frameon=False); fig.tight_layout()   # beside the data, not on it
     if path is not None: savefig(fig, path)
     return fig
 

@@ -615,7 +615,7 @@ def plot_responses(reader: NSDReader, data: dict, image_id: int, cut=(-60,)):
     import matplotlib.pyplot as plt
     from nilearn import plotting
     fig, axs = plt.subplots(1, len(data) + 1, figsize=(2.6*(len(data) + 1), 2.6))
-    axs[0].imshow(reader.stimuli([image_id])[0]); axs[0].axis('off'); axs[0].set_title(f'image {image_id}', fontsize=9)
+    axs[0].imshow(reader.stimuli([image_id])[0]); axs[0].axis('off'); axs[0].set_title(f'image {image_id}', fontsize=12)
     for ax, (s, d) in zip(axs[1:], data.items()):
         vol = nib.Nifti1Image(d.volume(int(d.rows([image_id])[0])), d.affine)
         plotting.plot_stat_map(vol, bg_img=reader.anatomy(s), display_mode='y', cut_coords=cut, axes=ax, vmax=1.5,

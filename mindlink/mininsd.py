@@ -399,17 +399,18 @@ def load_truth(root, subj: int) -> dict:
 def plot_rf_maps(reader: NSDReader, subjects=(1, 2)):
     "Polar angle and eccentricity on a sagittal slice of the left hemisphere, and RF centres in the image."
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(len(subjects), 3, figsize=(10, 3.2*len(subjects)))
+    fig, axs = plt.subplots(len(subjects), 3, figsize=(8.5, 3*len(subjects)))
     for row, s in zip(np.atleast_2d(axs), subjects):
         mask, aff = reader.roi(s); t = load_truth(reader.root, s)
         x_mm = (np.argwhere(mask) @ aff[:3, :3].T + aff[:3, 3])[:, 0]
         i = int(np.median(np.argwhere(mask)[x_mm < -15][:, 0]))  # a sagittal slice in the left hemisphere
         for ax, key, cmap, lab in ((row[0], 'angle', 'twilight', 'polar angle (rad)'), (row[1], 'ecc', 'viridis', 'eccentricity')):
             v = np.full(mask.shape, np.nan); v[mask] = t[key]
-            im = ax.imshow(np.rot90(v[i]), cmap=cmap); ax.set_title(f'subj{s:02d} {lab}, slice x={i}', fontsize=9)
+            im = ax.imshow(np.rot90(v[i]), cmap=cmap); ax.set_title(f'subj{s:02d}: {lab}', fontsize=10)
             ax.axis('off'); fig.colorbar(im, ax=ax, fraction=.04)
         row[2].scatter(t['u'], t['w'], c=t['angle'], cmap='twilight', s=3)
-        row[2].set(xlim=(0, 1), ylim=(1, 0), aspect='equal', title=f'subj{s:02d}: RF centres in the image')
+        row[2].set(xlim=(0, 1), ylim=(1, 0), aspect='equal'); row[2].set_title(f'subj{s:02d}: RF centres', fontsize=10)
+    fig.suptitle('left hemisphere, one sagittal slice per subject', fontsize=10)
     fig.tight_layout()
     return fig
 

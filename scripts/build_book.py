@@ -5,7 +5,9 @@ Jupyter Book cell tags without touching the sources:
 
 - `#| eval: false`  -> `skip-execution` (GPU-only or downloaded-weights cells; nbdev_test skips them too)
 - `#| hide`, `#| default_exp`, the Colab install cell -> `remove-cell`
-- `#| export`       -> `hide-input` (plumbing: folded away, one click to read it)
+- `#| export`       -> `hide-input` (plumbing: folded away, one click to read it); `#| exports` stays visible
+- after every exported cell, its functions' and classes' API entries (nbdev's `show_doc`, as `nbdev_docs` adds them):
+  signature with each parameter's comment, and the docstring, under a heading of the name (the book's API reference)
 - `#| echo: false`  -> `remove-input` (a figure whose drawing code is not the point)
 - the `#|` directive lines themselves are dropped from the rendered source.
 
@@ -19,7 +21,7 @@ Every chapter is executed from a fresh kernel (`execute_notebooks: force`); a fa
 `_static` folder to every page, which would load MathJax twice (the second copy fails in the browser's console).
 Output: `_build/book_src/_build/html/` (the static files under its `_static/`, as usual).
 """
-import json, shutil, subprocess, sys
+import ast, json, shutil, subprocess, sys
 from pathlib import Path
 
 import yaml
@@ -64,9 +66,41 @@ def figure_text_cell() -> dict:
             'metadata': {'tags': ['remove-cell']}, 'source': src}
 
 
+def documented_names(code: str) -> list[str]:
+    "The public functions and classes a cell defines, as `show_doc` names them (`Class.method` for fastcore's `@patch`)."
+    try: tree = ast.parse('\n'.join(l for l in code.splitlines() if not l.lstrip().startswith(('%', '!'))))
+    except SyntaxError: return []
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith('_'): continue
+        decos = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+        decos = [d.id if isinstance(d, ast.Name) else getattr(d, 'attr', '') for d in decos]
+        if 'patch' not in decos: out.append(node.name)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.args.args:
+            ann = node.args.args[0].annotation
+            if isinstance(ann, ast.Name): out.append(f'{ann.id}.{node.name}')
+    return out
+
+
+def api_cell(name: str) -> dict:
+    "A cell whose output is `name`'s API entry (nbdev's show_doc, without its link to a source line); the code is not shown."
+    src = ('import re as _re\n'
+           'from nbdev.showdoc import show_doc as _show_doc\n'
+           'from IPython.display import Markdown as _Markdown\n'
+           f'_Markdown(_re.sub(r"\\A\\s*---\\s*|^\\[source\\]\\(.*$", "", _show_doc({name})._repr_markdown_(), flags=_re.M))\n')
+    return {'cell_type': 'code', 'execution_count': None, 'id': f'api-{name}'.replace('.', '-')[:64], 'outputs': [],
+            'metadata': {'tags': ['remove-input', 'api']}, 'source': src}
+
+
 def stage_notebook(src: Path, dst: Path):
     nb = json.loads(src.read_text())
-    nb['cells'].insert(0, figure_text_cell())
+    cells = [figure_text_cell()]
+    for cell in nb['cells']:
+        cells.append(cell)
+        text = ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+        names = [d.split()[0].rstrip(':') if d else '' for d in directives(text)] if cell['cell_type'] == 'code' else []
+        if {'export', 'exports'} & set(names): cells += [api_cell(n) for n in documented_names(text)]
+    nb['cells'] = cells
     for cell in nb['cells']:
         if cell['cell_type'] != 'code': continue
         text = ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']

@@ -57,3 +57,28 @@ def test_no_private_names_across_modules_and_no_self_import(name):
 def test_modules_stay_small(name):
     n = len(MODULES[name].read_text().splitlines())
     assert n <= 700, f'mindlink/{name}.py has {n} lines; split it by what it holds'
+
+
+def chapter_order() -> dict:
+    "Each module's position in the book: the order of the notebooks (`nbs/`) whose `#| default_exp` names it."
+    import json, re
+    order = {}
+    for i, nb in enumerate(sorted((PKG.parent / 'nbs').glob('*.ipynb'))):
+        for cell in json.loads(nb.read_text())['cells']:
+            m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(cell['source']), re.M)
+            if m: order[m.group(1)] = i; break
+    return order
+
+
+# the one import against the book's order (00_index.ipynb says why): validation during training scores retrieval
+BACKWARD_OK = {('training', 'metrics')}
+
+
+def test_modules_import_what_the_book_has_shown():
+    "A module imports only modules of earlier chapters (and `utils`, the appendix everything uses), but for BACKWARD_OK."
+    order = chapter_order()
+    assert set(MODULES) <= set(order), f'modules without a chapter: {set(MODULES) - set(order)}'
+    late = [(m, d) for m, deps in GRAPH.items() for d in deps
+            if d != 'utils' and order[d] > order[m] and (m, d) not in BACKWARD_OK]
+    assert not late, f'modules importing from later chapters: {late}'
+    assert all(order[d] > order[m] for m, d in BACKWARD_OK), 'BACKWARD_OK lists an import that is no longer backward'
