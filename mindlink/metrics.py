@@ -526,7 +526,7 @@ def plot_tsne(emb,                     # (N, ...) embeddings (flattened)
         xy = TSNE(2, perplexity=min(perplexity, (len(X) - 1) / 3), init='pca', random_state=seed).fit_transform(X)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4, 4))
     for s in np.unique(y): ax.scatter(*xy[y == s].T, s=6, alpha=0.7, label=f'subj{int(s):02d}' if np.issubdtype(type(s), np.integer) else str(s))
-    ax.set_xticks([]); ax.set_yticks([]); ax.set_title(title); ax.legend(markerscale=2, fontsize=7, frameon=False)
+    ax.set_xticks([]); ax.set_yticks([]); ax.set_title(title); ax.legend(markerscale=2, fontsize=9, frameon=False)
     if path is not None: savefig(fig, path)
     return fig
 
@@ -554,7 +554,7 @@ def _fmt(m, v) -> str:
 def results_table(rows,             # dicts with 'method' (+ optional 'group', 'subject', 'params') and metric values
                   path=None,        # write path.csv and path.md
                   ) -> ResultsTable:
-    "The paper's Table 1 layout from per-model metric dicts (e.g. `evaluate_images` results)."
+    "The paper's Table 1 layout from per-model metric dicts (e.g. `evaluate_images` results); a metric no row has is left out, and named below the table."
     rows = [dict(r) for r in rows]
     if not rows: raise MindLinkError('results_table: no rows')
     for r in rows:
@@ -570,7 +570,8 @@ def results_table(rows,             # dicts with 'method' (+ optional 'group', '
             col = sub[m].dropna()
             if len(col): best[(gname, m)] = col.max() if HIGHER_IS_BETTER[m] else col.min()
     arrows = {m: m + (' ↑' if HIGHER_IS_BETTER[m] else ' ↓') for m in METRICS}
-    head = ['Method'] + [k.capitalize() for k in keys if k in ('subject', 'params')] + [arrows[m] for m in METRICS]
+    shown = [m for m in METRICS if df[m].notna().any()]          # a column of dashes says nothing: name it once instead
+    head = ['Method'] + [k.capitalize() for k in keys if k in ('subject', 'params')] + [arrows[m] for m in shown]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     last = None
     for i, r in df.iterrows():
@@ -578,11 +579,13 @@ def results_table(rows,             # dicts with 'method' (+ optional 'group', '
         if gname and gname != last: lines.append('| ' + ' | '.join([f'**{gname}**'] + [''] * (len(head) - 1)) + ' |')
         last = gname
         cells = [str(r['method'])] + [('' if r[k] is None or r[k] != r[k] else str(r[k])) for k in keys if k in ('subject', 'params')]
-        for m in METRICS:
+        for m in shown:
             s = _fmt(m, r[m])
             if not np.isnan(r[m]) and (gname, m) in best and r[m] == best[(gname, m)] and (groups == gname).sum() > 1: s = f'**{s}**'
             cells.append(s)
         lines.append('| ' + ' | '.join(cells) + ' |')
+    if len(shown) < len(METRICS):
+        lines += ['', f"Not computed: {', '.join(m for m in METRICS if m not in shown)} (the networks' weights were not given; chapter 11)."]
     table = ResultsTable(df, '\n'.join(lines))
     if path is not None: table.save(path)
     return table
