@@ -178,22 +178,15 @@ def cmd_experiments(a):
     if a.learning and a.recipe: raise MindLinkError('--learning and --recipe: choose one study')
     if (a.learning or a.recipe) and (a.set or a.snr != 'default'): raise MindLinkError('--set and --snr: for the experiments of chapter 13, not --learning or --recipe')
     a.seeds, a.probe_seeds, a.sizes = _distinct(a.seeds, '--seeds'), _distinct(a.probe_seeds, '--probe-seeds'), _distinct(a.sizes, '--sizes')
-    if a.recipe:
+    if a.recipe or a.learning:                     # one of the studies of chapter 13
+        study, arms = (run_recipe_study, RECIPE_ARMS) if a.recipe else (run_learning_study, LEARNING_ARMS)
         kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
-        if a.quick:
+        if a.quick:                                # its plumbing at the tests' size: two arms
             from mindlink.mininsd import TINY_MINI_NSD
             from mindlink.pipeline import QUICK_TRAIN, demo_config
             kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
-                      arms={n: RECIPE_ARMS[n] for n in list(RECIPE_ARMS)[:2]})
-        return run_recipe_study(a.out, **kw)
-    if a.learning:
-        kw = dict(seeds=tuple(a.seeds), work=a.work, jobs=a.jobs, fresh=a.fresh)
-        if a.quick:
-            from mindlink.mininsd import TINY_MINI_NSD
-            from mindlink.pipeline import QUICK_TRAIN, demo_config
-            kw.update(work=a.work or Path(a.out) / 'work', data_kw=dict(TINY_MINI_NSD), cfg=demo_config(**QUICK_TRAIN),
-                      arms={n: LEARNING_ARMS[n] for n in list(LEARNING_ARMS)[:2]})
-        return run_learning_study(a.out, **kw)
+                      arms={n: arms[n] for n in list(arms)[:2]})
+        return study(a.out, **kw)
     from mindlink.pipeline import demo_config
     overrides = dict(a.set)
     try: demo_config(**overrides)                  # checked before any work

@@ -585,7 +585,7 @@ def results_table(rows,             # dicts with 'method' (+ optional 'group', '
             cells.append(s)
         lines.append('| ' + ' | '.join(cells) + ' |')
     if len(shown) < len(METRICS):
-        lines += ['', f"Not computed: {', '.join(m for m in METRICS if m not in shown)} (the networks' weights were not given; chapter 11)."]
+        lines += ['', f"Not computed for any row: {', '.join(m for m in METRICS if m not in shown)}."]   # e.g. no metric weights given
     table = ResultsTable(df, '\n'.join(lines))
     if path is not None: table.save(path)
     return table

@@ -347,7 +347,7 @@ def test_results_table_layout_and_csv(tmp_path):
     md = tab.markdown
     head = md.splitlines()[0]
     assert head.index('PixCorr') < head.index('AlexNet(2)') < head.index('CLIP') < head.index('EffNet-B') < head.index('SwAV')
-    assert 'SSIM' not in head and md.splitlines()[-1].startswith('Not computed: SSIM, AlexNet(5), Inception')   # no column of dashes
+    assert 'SSIM' not in head and md.splitlines()[-1] == 'Not computed for any row: SSIM, AlexNet(5), Inception.'   # no column of dashes
     assert 'EffNet-B ↓' in head and 'CLIP ↑' in head
     assert '**0.300**' in md and '**90.0%**' in md and '**0.600**' in md and '**0.400**' in md   # best per column, ↓ for distances
     assert '**per-subject**' in md and '93.0%' in md and '–' in md
