@@ -14,7 +14,8 @@ A page reads cleanly when
 - (figures) every figure's text renders at 8 pt or more at the page width, and no legend sits on the data: the build
   records each matplotlib figure's font sizes, dpi and legend boxes in its PNG (scripts/figure_fonts.py) and this
   script scales them by the width the image is shown at (`figure_problems`);
-- (process text) the page speaks of the project alone: no PAPER.md, ticket numbers, sessions or lent machines
+- (process text) the page speaks of the project alone: no PAPER.md, ticket numbers, sessions or lent machines,
+  no placeholder left in the text (TBD, TODO, FIXME, NAME_ROW)
   (`PROCESS_TEXT`, checked on the HTML and on README.md).
 
 `python scripts/read_book.py [--shots DIR] [--html DIR] [nbs/01_data ...]` prints each chapter's problems (all the
@@ -67,6 +68,7 @@ PROCESS_TEXT = [(re.compile(p, re.I), what) for p, what in (
     (r'\bcarry\s+\S*\.whl\b', "our process (the device tool's options)"),
     (r'\b(?:first|previous|earlier|last) (?:version|draft|edition) of (?:this|the) book\b',
      'history of the book (CHANGELOG.md holds it)'),
+    (r'(?-i:\b(?:TBD|TODO|FIXME)\b|\b[A-Z][A-Z0-9_]*_(?:ROW|CMD)\b)', 'a placeholder left in the text'),
 )]
 
 _COLLECT = r"""

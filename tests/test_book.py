@@ -188,11 +188,13 @@ _PROCESS_HITS = ['see PAPER.md for the transcription', 'as the paper-digest says
                  'the hot path of issue 15', 'issue #3 asked for it', "the issue's target is 0.5", 'the issue’s reference λ', 'no GPU was lent',
                  'the GPU lent to us', 'the first session with a GPU measures it', 'a figure this session measured',
                  'not measured in this task', 'bench_gpu.json in $OUT', 'the device tool: carry .whl, timeout 600',
-                 'the first version of this book trained for 540 steps', 'ticket 12']
+                 'the first version of this book trained for 540 steps', 'ticket 12', '| reader vs zlib | BENCH_PREP_ROW |',
+                 'the figure: TBD', 'TODO: measure it']
 _PROCESS_CLEAN = ['grey-matter tissue 3 voxels deep', 'a silent wrap', 'per-session z-scoring', 'the task loss stays low',
                   'a self-supervised task for the encoder', 'scan sessions of NSD', 'an excellent fit', 'the issue is '
                   'that the probe reads more', 'the paper (Sec. 2.3, Eq. 4, Table 2)', 'mindlink experiments --out '
-                  'nbs/learning_cache', 'lentils', 'the first version of the tiny preset', 'talent']
+                  'nbs/learning_cache', 'lentils', 'the first version of the tiny preset', 'talent',
+                  'a step_XXXXXX folder', 'the todo list of a reader', 'BENCH_AREAS', 'first_row and n_cmd']
 
 
 def test_process_text_check_can_fail():
