@@ -7,8 +7,9 @@ __all__ = ['NSD_SHAPE', 'check_box', 'patchify', 'unpatchify', 'PatchLayout', 's
            'PatchDataset', 'make_loader', 'plot_patch_grid']
 
 # %% ../nbs/02_patching.ipynb #ea1a7429
-import base64, hashlib, os, warnings
+import base64, fcntl, hashlib, os, shutil, warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -443,6 +444,18 @@ def _store_layout(out, reader, subjects, patch, box, layout, dtype):
     return base
 
 # %% ../nbs/02_patching.ipynb #d53b4a73
+@contextmanager
+def _building(out: Path):
+    "Hold store folder `out` for one builder (an OS lock on `out/.building`); a build refused before writing anything leaves no new folder."
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / '.building', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)       # released when the file closes, or when the process dies
+        try: yield
+        except BaseException:
+            if created and all(p.name == '.building' for p in out.iterdir()): shutil.rmtree(out, ignore_errors=True)
+            raise
+
 @patch_to(PatchStore, cls_method=True)
 def build(cls, reader,                  # `mindlink.data.NSDReader` (MiniNSD or real NSD)
           subjects,                     # subject numbers to preprocess
@@ -459,46 +472,46 @@ def build(cls, reader,                  # `mindlink.data.NSDReader` (MiniNSD or 
     subjects = [int(s) for s in subjects]
     unknown = sorted(set(subjects) - set(int(s) for s in reader.subjects()))
     if unknown: raise MindLinkError(f'subjects {unknown} are not in the data set (it has {reader.subjects()})')
-    old = load_json(out / 'store.json') if (out / 'store.json').exists() else dict(subjects=[], load_kw=load_kw)
-    if old.get('load_kw', {}) != load_kw:
-        raise MindLinkError(f'{out}: holds a patch store built with load_subject options {old.get("load_kw", {})}, '
-                            f'not {load_kw}; use a new out_dir')
-    layout = _store_layout(out, reader, subjects, patch, box, layout, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    layout.save(out / 'layout.json')
-    save_json(dict(version=_STORE_VERSION, dtype=dtype.name, patch=layout.patch, n_patches=layout.n_patches,
-                   patch_dim=layout.patch_dim, subjects=sorted(set(old['subjects']) | set(subjects)), load_kw=load_kw),
-              out / 'store.json')
-    L, P = layout.n_patches, layout.patch_dim
-    for s in progress(subjects, desc='patch store'):
-        d = out / f'subj{s:02d}'
-        if (d / 'tokens.npy').exists(): continue                       # finished earlier
-        d.mkdir(exist_ok=True)
-        sd = reader.load_subject(s, **load_kw)
-        betas = np.asarray(sd.betas)
-        if not np.array_equal(np.asarray(sd.roi), layout.rois[s]):
-            raise MindLinkError(f'subject {s}: load_subject returned an ROI that differs from reader.roi({s})')
-        if not np.isfinite(betas).all(): raise MindLinkError(f'subject {s}: betas contain NaN or inf')
-        n, part, prog = len(betas), d / 'tokens.partial.npy', d / 'progress.json'
-        start, key = 0, _ids_key(sd.image_ids)
-        if part.exists() and prog.exists() and load_json(prog).get('images') == key:
-            start, mm = load_json(prog)['rows_done'], np.load(part, mmap_mode='r+')
-            if mm.shape != (n, L, P) or mm.dtype != dtype: start, mm = 0, None
-        else: mm = None
-        if mm is None: mm = np.lib.format.open_memmap(part, mode='w+', dtype=dtype, shape=(n, L, P))
-        for a in progress(range(start, n, chunk), desc=f'subj{s:02d}', leave=False, initial=start // chunk,
-                          total=-(-n // chunk)):
-            b = min(a + chunk, n)
-            t = layout.roi_tokens(s, betas[a:b]).astype(dtype)           # (chunk, L, P)
-            if not np.isfinite(t).all(): raise MindLinkError(f'subject {s}: betas overflow {dtype.name}; use dtype="float32"')
-            mm[a:b] = t
-            mm.flush()                                                  # rows on disk before we say so
-            save_json(dict(rows_done=b, images=key), prog)
-        del mm
-        _save_npy(np.asarray(sd.image_ids, np.int64), d / 'image_ids.npy')
-        _save_npy(np.asarray(getattr(sd, 'n_reps', np.ones(n)), np.int64), d / 'n_reps.npy')
-        os.replace(part, d / 'tokens.npy'); prog.unlink()
-    return cls(out)
+    with _building(out):                    # one builder per store folder; a second process waits, then finds it built
+        old = load_json(out / 'store.json') if (out / 'store.json').exists() else dict(subjects=[], load_kw=load_kw)
+        if old.get('load_kw', {}) != load_kw:
+            raise MindLinkError(f'{out}: holds a patch store built with load_subject options {old.get("load_kw", {})}, '
+                                f'not {load_kw}; use a new out_dir')
+        layout = _store_layout(out, reader, subjects, patch, box, layout, dtype)
+        layout.save(out / 'layout.json')
+        save_json(dict(version=_STORE_VERSION, dtype=dtype.name, patch=layout.patch, n_patches=layout.n_patches,
+                       patch_dim=layout.patch_dim, subjects=sorted(set(old['subjects']) | set(subjects)), load_kw=load_kw),
+                  out / 'store.json')
+        L, P = layout.n_patches, layout.patch_dim
+        for s in progress(subjects, desc='patch store'):
+            d = out / f'subj{s:02d}'
+            if (d / 'tokens.npy').exists(): continue                       # finished earlier
+            d.mkdir(exist_ok=True)
+            sd = reader.load_subject(s, **load_kw)
+            betas = np.asarray(sd.betas)
+            if not np.array_equal(np.asarray(sd.roi), layout.rois[s]):
+                raise MindLinkError(f'subject {s}: load_subject returned an ROI that differs from reader.roi({s})')
+            if not np.isfinite(betas).all(): raise MindLinkError(f'subject {s}: betas contain NaN or inf')
+            n, part, prog = len(betas), d / 'tokens.partial.npy', d / 'progress.json'
+            start, key = 0, _ids_key(sd.image_ids)
+            if part.exists() and prog.exists() and load_json(prog).get('images') == key:
+                start, mm = load_json(prog)['rows_done'], np.load(part, mmap_mode='r+')
+                if mm.shape != (n, L, P) or mm.dtype != dtype: start, mm = 0, None
+            else: mm = None
+            if mm is None: mm = np.lib.format.open_memmap(part, mode='w+', dtype=dtype, shape=(n, L, P))
+            for a in progress(range(start, n, chunk), desc=f'subj{s:02d}', leave=False, initial=start // chunk,
+                              total=-(-n // chunk)):
+                b = min(a + chunk, n)
+                t = layout.roi_tokens(s, betas[a:b]).astype(dtype)           # (chunk, L, P)
+                if not np.isfinite(t).all(): raise MindLinkError(f'subject {s}: betas overflow {dtype.name}; use dtype="float32"')
+                mm[a:b] = t
+                mm.flush()                                                  # rows on disk before we say so
+                save_json(dict(rows_done=b, images=key), prog)
+            del mm
+            _save_npy(np.asarray(sd.image_ids, np.int64), d / 'image_ids.npy')
+            _save_npy(np.asarray(getattr(sd, 'n_reps', np.ones(n)), np.int64), d / 'n_reps.npy')
+            os.replace(part, d / 'tokens.npy'); prog.unlink()
+        return cls(out)
 
 @patch_to(PatchStore, cls_method=True)
 def from_tokens(cls, out_dir, layout: PatchLayout, tokens: dict, image_ids: dict, dtype='float16'):

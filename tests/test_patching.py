@@ -209,3 +209,39 @@ def test_loader_through_accelerate(reader, tmp_path):
     got = list(dl)
     assert [len(b['subject']) for b in got] == [16] * (len(ds) // 16) + ([len(ds) % 16] if len(ds) % 16 else [])
     assert torch.cat([b['subject'] * 10**6 + b['image_id'] for b in got]).unique().numel() == len(ds)
+
+
+_BUILD = ('import sys; from mindlink.data import NSDReader; from mindlink.patching import PatchStore\n'
+          'r = NSDReader(sys.argv[1]); print("ready", flush=True)\n'
+          'print(PatchStore.build(r, [1, 2], sys.argv[2], patch=4, chunk=4).subjects, flush=True)')
+
+
+def _builder(reader, out):
+    import os, subprocess, sys
+    return subprocess.Popen([sys.executable, '-c', _BUILD, str(reader.root), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'MINDLINK_NO_PROGRESS': '1', 'OMP_NUM_THREADS': '1'})
+
+
+def test_store_one_builder_at_a_time(reader, tmp_path):
+    """A build waits while another process holds the store folder, then builds; two builds started together end
+    with one complete store, equal to a build alone; a build refused before writing leaves no new folder."""
+    import fcntl, time
+    (tmp_path / 'held').mkdir()
+    with open(tmp_path / 'held' / '.building', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)                       # another builder holds the folder
+        p = _builder(reader, tmp_path / 'held')
+        assert p.stdout.readline().strip() == 'ready'
+        time.sleep(3)
+        assert p.poll() is None, p.communicate()            # still waiting (a build alone takes well under a second)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and out.strip() == '[1, 2]', err[-2000:]
+    ps = [_builder(reader, tmp_path / 'st') for _ in range(2)]
+    outs = [q.communicate(timeout=120) for q in ps]
+    assert all(q.returncode == 0 for q in ps), [e[-2000:] for _, e in outs]
+    ref = PatchStore.build(reader, [1, 2], tmp_path / 'ref', patch=4, chunk=4)
+    for st in (PatchStore(tmp_path / 'st'), PatchStore(tmp_path / 'held')):
+        for s in (1, 2): np.testing.assert_array_equal(st.tokens(s), ref.tokens(s))
+    assert not list((tmp_path / 'st').rglob('*.partial.npy')) and not list((tmp_path / 'st').rglob('progress.json'))
+    with pytest.raises(MindLinkError, match='ROI of subject 1 from the reader'):
+        PatchStore.build(reader, [1], tmp_path / 'refused', layout=PatchLayout.fit({1: reader.roi(2)}, patch=4))
+    assert not (tmp_path / 'refused').exists()
