@@ -129,16 +129,17 @@ def loss_curves(run_dir, path=None):
     "Loss terms of Eq. 6 (log.csv) and validation retrieval (val.csv) of a run against the step; returns the figure."
     run_dir = Path(run_dir)
     log = pd.read_csv(run_dir / 'log.csv')
-    fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axs = plt.subplots(1, 2, figsize=(9.5, 3.2))
     for k in ('rec', 'subj', 'align', 'local'):
         # a term is 0 while it is inactive (the warm-up trains L_rec only): leave those steps out of the log plot
         if k in log and log[k].abs().sum() > 0: axs[0].plot(log.step, log[k].where(log[k] > 0), label=f'$L_{{{k}}}$')
-    axs[0].set_yscale('log'); axs[0].set_xlabel('step'); axs[0].set_title('loss terms (Eq. 6)'); axs[0].legend(fontsize=8)
+    axs[0].set_yscale('log'); axs[0].set_xlabel('step'); axs[0].set_title('loss terms (Eq. 6)')
+    axs[0].legend(fontsize=9, loc='upper left', bbox_to_anchor=(1.0, 1.0), frameon=False)   # beside the curves, not over them
     if (run_dir / 'val.csv').exists():
         val = pd.read_csv(run_dir / 'val.csv')
         axs[1].plot(val.step, val.top1, 'o-', label='top-1 retrieval (mean)')
         axs[1].plot(val.step, val.chance, 'k--', label='chance')
-        axs[1].legend(fontsize=8)
+        axs[1].legend(fontsize=9, loc='center right')            # retrieval climbs on the left and sits high on the right
     axs[1].set_xlabel('step'); axs[1].set_title('held-out retrieval')
     fig.tight_layout()
     if path is not None: savefig(fig, path)
